@@ -1,0 +1,380 @@
+"""The `hanlin` command.
+
+    hanlin chat [--model M] [--device D] [--engine E] [--prompt TEXT] [--json] ...
+    hanlin devices [--json]
+    hanlin models [--json]
+    hanlin pull NAME [--force]
+
+Errors a user can cause are printed as one clear sentence (exit code 2), never a traceback.
+The CLI holds no logic of its own: it parses flags and calls the SDK.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Sequence, TextIO
+
+HELP_INTERACTIVE = """\
+Type a message and press Enter. Commands:
+  /reset           forget the conversation (keeps the system prompt)
+  /system [TEXT]   set the system prompt (no TEXT: show it; "/system -" clears it)
+  /help            this help
+  /exit            quit (also /bye, Ctrl-D)
+Multi-line input: start with \"\"\" and end with \"\"\", or end a line with \\ to continue it.
+Ctrl-C stops the answer being generated; at the prompt it clears the line."""
+
+
+# --------------------------------------------------------------------------------------
+# argument parsing
+# --------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="hanlin",
+        description="Chat with, serve, fine-tune and evaluate language models on whatever hardware is here.",
+        epilog="Run `hanlin COMMAND --help` for a command's options. Models live in $HANLIN_HOME/models (default ~/.cache/hanlin/models).",
+    )
+    p.add_argument("--version", action="version", version=f"hanlin {_version()}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    c = sub.add_parser(
+        "chat",
+        help="chat with a model (interactive, or one shot with --prompt)",
+        description="Chat with a model. Interactive by default; --prompt (or piped input) answers once and exits. "
+        "A catalogue model that is not here yet is pulled first.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _model_args(c)
+    c.add_argument("--prompt", "-p", help="answer this one message and exit")
+    c.add_argument("--system", "-s", help="system prompt")
+    c.add_argument("--json", action="store_true", help="print the answer as one JSON object (with --prompt or piped input)")
+    c.add_argument("--explain", action="store_true", help="print why this device and engine were chosen")
+    c.add_argument("--no-pull", action="store_true", help="fail instead of pulling a catalogue model that is missing")
+    g = c.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=512, help="most tokens to generate per answer")
+    g.add_argument("--temperature", "-t", type=float, default=0.7, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling, in (0, 1]")
+    g.add_argument("--top-k", type=int, default=40, help="0 disables")
+    g.add_argument("--min-p", type=float, default=0.05, help="0 disables")
+    g.add_argument("--repeat-penalty", type=float, default=1.1, help="1.0 disables")
+    g.add_argument("--seed", type=int, default=None, help="for reproducible sampling")
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    c.set_defaults(func=cmd_chat)
+
+    d = sub.add_parser("devices", help="list the devices here and what can run on them", description="List the devices the device layer found, and why the others were not found.")
+    d.add_argument("--json", action="store_true", help="machine-readable output")
+    d.set_defaults(func=cmd_devices)
+
+    m = sub.add_parser("models", help="list catalogue models and whether they are here", description="List the built-in model catalogue: name, size, source, and where each is on this machine.")
+    m.add_argument("--json", action="store_true", help="machine-readable output")
+    m.set_defaults(func=cmd_models)
+
+    pl = sub.add_parser("pull", help="fetch a catalogue model", description="Fetch a catalogue model into $HANLIN_HOME/models, with progress.")
+    pl.add_argument("name", help="catalogue name (see `hanlin models`)")
+    pl.add_argument("--force", action="store_true", help="download again even if the model is here")
+    pl.set_defaults(func=cmd_pull)
+    return p
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default=None, help="catalogue name or path to a .gguf file / model folder (default: smollm2-135m-instruct)")
+    p.add_argument("--device", "-d", default="auto", help="auto, cpu, cuda, cuda:N, npu:N, mps")
+    p.add_argument("--engine", "-e", default="auto", help="auto or an engine name (gguf, ...)")
+    p.add_argument("--ctx-size", type=int, default=None, help="context window in tokens (default: the model's, at most 4096)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
+
+
+def _version() -> str:
+    from hanlin import __version__
+
+    return __version__
+
+
+# --------------------------------------------------------------------------------------
+# commands
+# --------------------------------------------------------------------------------------
+
+
+def cmd_devices(args: argparse.Namespace) -> int:
+    from hanlin.backends.base import registered_engines
+    from hanlin.devices import detect
+
+    report = detect()
+    engines = registered_engines()
+    rows = []
+    for dev in report.devices:
+        runs = {}
+        for name, cls in sorted(engines.items()):
+            if dev.kind not in cls.capabilities.device_kinds:
+                runs[name] = f"does not run on {dev.kind}"
+            else:
+                runs[name] = cls.available(dev) or "ok"
+        rows.append((dev, runs))
+    if args.json:
+        data = report.to_dict()
+        for d, (_, runs) in zip(data["devices"], rows):
+            d["engines"] = runs
+        print(json.dumps(data, indent=2))
+        return 0
+    for dev, runs in rows:
+        print(dev.label())
+        extra = []
+        if dev.dtypes:
+            extra.append("dtypes " + ", ".join(dev.dtypes))
+        if dev.features:
+            extra.append("features " + " ".join(dev.features))
+        if dev.physical_cores:
+            extra.append(f"{dev.physical_cores} physical cores")
+        if dev.is_phone:
+            extra.append("phone")
+        for e in extra:
+            print(f"    {e}")
+        for name, why in runs.items():
+            print(f"    engine {name}: {'can run here' if why == 'ok' else why}")
+    for kind, why in report.notes.items():
+        print(f"{kind}: none ({why})")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from hanlin.catalog import DEFAULT_MODEL, list_models
+
+    statuses = list_models()
+    if args.json:
+        print(json.dumps([
+            {"name": s.entry.name, "aliases": list(s.entry.aliases), "params": s.entry.params, "size_mb": s.entry.size_mb,
+             "context_length": s.entry.context_length, "source": s.entry.source, "license": s.entry.license,
+             "description": s.entry.description, "path": str(s.path) if s.path else None, "present": s.path is not None,
+             "default": s.entry.name == DEFAULT_MODEL}
+            for s in statuses
+        ], indent=2))  # fmt: skip
+        return 0
+    width = max(len(s.entry.name) for s in statuses)
+    print(f"{'NAME':<{width}}  {'PARAMS':>6}  {'SIZE':>8}  STATUS")
+    for s in statuses:
+        status = f"here ({s.where}: {s.path})" if s.path else f"not pulled: hanlin pull {s.entry.name}"
+        mark = " *" if s.entry.name == DEFAULT_MODEL else ""
+        print(f"{s.entry.name:<{width}}  {s.entry.params:>6}  {s.entry.size_mb:>5} MB  {status}{mark}")
+        print(f"{'':<{width}}  {s.entry.description}; from {s.entry.source}")
+    print("* the default model. Any local .gguf file or model folder works too: hanlin chat --model PATH")
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from hanlin.catalog import pull
+
+    pull(args.name, force=args.force)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    import hanlin
+    from hanlin.backends.base import GenerationConfig
+
+    config = GenerationConfig(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        min_p=args.min_p, repeat_penalty=args.repeat_penalty, seed=args.seed, stop=tuple(args.stop),
+    )  # fmt: skip  (validated here, before the model is loaded)
+    prompt = args.prompt
+    if prompt is None and not sys.stdin.isatty():
+        prompt = sys.stdin.read()
+        if not prompt.strip():
+            raise _usage("no input on stdin: pass --prompt TEXT, or run `hanlin chat` in a terminal")
+    if args.json and prompt is None:
+        raise _usage("--json answers one message: use it with --prompt TEXT or piped input")
+
+    llm = hanlin.load(
+        args.model or hanlin.DEFAULT_MODEL, device=args.device, engine=args.engine, config=config,
+        pull_missing=not args.no_pull, ctx_size=args.ctx_size, threads=args.threads,
+    )  # fmt: skip
+    if args.explain:
+        print(llm.explain(), file=sys.stderr)
+    if llm.template_is_fallback:
+        print("note: this model has no chat template; using ChatML", file=sys.stderr)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    if prompt is not None:
+        return _one_shot(llm, system + [{"role": "user", "content": prompt}], args.json)
+    return ChatSession(llm, args.system).run()
+
+
+def _one_shot(llm: Any, messages: list[dict], as_json: bool) -> int:
+    stream = llm.chat(messages, stream=True)
+    try:
+        for ev in stream:
+            if not as_json and ev.text:
+                sys.stdout.write(ev.text)
+                sys.stdout.flush()
+    except KeyboardInterrupt:
+        stream.close()
+    done = stream.completion
+    if as_json:
+        out = {"model": llm.name, "engine": llm.engine.name, "device": llm.device.spec(), **done.to_dict()}
+        print(json.dumps(out, ensure_ascii=False))
+    else:
+        sys.stdout.write("\n")
+    return 0
+
+
+class ChatSession:
+    """The interactive loop: read a message, stream the answer, keep the history."""
+
+    def __init__(self, llm: Any, system: str | None, *, out: TextIO = sys.stdout):
+        self.llm = llm
+        self.system = system
+        self.history: list[dict[str, str]] = []
+        self.out = out
+
+    def messages(self) -> list[dict[str, str]]:
+        sys_msg = [{"role": "system", "content": self.system}] if self.system else []
+        return sys_msg + self.history
+
+    def run(self) -> int:
+        try:
+            import readline  # noqa: F401  (line editing and history where available)
+        except ImportError:
+            pass
+        dev = self.llm.device
+        self._say(f"hanlin · {self.llm.name} · {self.llm.engine.name} on {dev.label()} · context {self.llm.context_length} tokens")
+        self._say("Type /help for commands, /exit to quit.")
+        while True:
+            text = self._read()
+            if text is None:
+                self._say("")
+                return 0
+            if not text.strip():
+                continue
+            if text.startswith("/"):
+                if self._command(text.strip()) == "exit":
+                    return 0
+                continue
+            self._answer(text)
+
+    def _say(self, line: str) -> None:
+        print(line, file=self.out, flush=True)
+
+    def _read(self) -> str | None:
+        """One user message (possibly multi-line); None at end of input."""
+        lines: list[str] = []
+        fence = False
+        while True:
+            try:
+                line = input("... " if (lines or fence) else ">>> ")
+            except EOFError:
+                return "\n".join(lines) if lines else None
+            except KeyboardInterrupt:
+                self._say("\n(Ctrl-C: line cleared; /exit or Ctrl-D quits)")
+                lines, fence = [], False
+                continue
+            if not lines and not fence and line.strip().startswith('"""'):
+                rest = line.strip()[3:]
+                if rest.endswith('"""') and len(rest) >= 3:
+                    return rest[:-3]
+                fence = True
+                if rest:
+                    lines.append(rest)
+                continue
+            if fence:
+                if line.rstrip().endswith('"""'):
+                    lines.append(line.rstrip()[:-3])
+                    return "\n".join(lines)
+                lines.append(line)
+                continue
+            if line.endswith("\\"):
+                lines.append(line[:-1])
+                continue
+            lines.append(line)
+            return "\n".join(lines)
+
+    def _command(self, cmd: str) -> str | None:
+        name, _, arg = cmd.partition(" ")
+        arg = arg.strip()
+        if name in ("/exit", "/bye", "/quit"):
+            return "exit"
+        if name == "/reset":
+            self.history.clear()
+            self._say("(conversation reset)")
+        elif name == "/system":
+            if not arg:
+                self._say(f"(system prompt: {self.system!r})" if self.system else "(no system prompt)")
+            elif arg == "-":
+                self.system = None
+                self._say("(system prompt cleared)")
+            else:
+                self.system = arg
+                self._say("(system prompt set)")
+        elif name in ("/help", "/?"):
+            self._say(HELP_INTERACTIVE)
+        else:
+            self._say(f"unknown command {name}; /help lists the commands")
+        return None
+
+    def _answer(self, text: str) -> None:
+        from hanlin.backends.base import HanlinError
+
+        self.history.append({"role": "user", "content": text})
+        try:
+            stream = self.llm.chat(self.messages(), stream=True)
+        except HanlinError as e:
+            self.history.pop()
+            self._say(f"error: {e}")
+            if "context window" in str(e):
+                self._say("(the conversation no longer fits: /reset starts a new one)")
+            return
+        pieces: list[str] = []
+        try:
+            for ev in stream:
+                if ev.text:
+                    pieces.append(ev.text)
+                    self.out.write(ev.text)
+                    self.out.flush()
+        except KeyboardInterrupt:
+            stream.close()
+            self.out.write(" [stopped]")
+        self.out.write("\n")
+        self.out.flush()
+        if stream.completion.finish_reason == "length" and stream.completion.completion_tokens:
+            self._say("(answer cut at the token limit)")
+        self.history.append({"role": "assistant", "content": "".join(pieces)})
+
+
+# --------------------------------------------------------------------------------------
+# entry point
+# --------------------------------------------------------------------------------------
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _usage(msg: str) -> _UsageError:
+    return _UsageError(msg)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 0
+    from hanlin.backends.base import HanlinError
+
+    try:
+        return args.func(args)
+    except (HanlinError, _UsageError) as e:
+        print(f"hanlin: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # the reader went away (e.g. `hanlin chat -p ... | head -1`): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,455 @@
+"""The Engine protocol, the engine registry and auto-selection.
+
+An engine runs one model on one device. Every engine speaks the same small surface:
+
+    load        EngineClass.load(path, device, **options) -> engine
+    tokens      engine.tokenize(text) / engine.detokenize(ids) / engine.token_bytes(id)
+    generate    engine.generate(prompt_ids, GenerationConfig) -> Iterator[TokenEvent]
+
+and declares what it can do with `Capabilities`. Engines register themselves with
+`@register` (tinygrad/ggml style: a new backend is added by registration, nothing edits a
+switch statement); `select_engine` picks one for a model format and a device and keeps the
+reason for every engine it passed over, which `hanlin chat --explain` prints.
+
+Stop handling lives here, once, in `apply_stops`: an engine yields raw sampled tokens and
+this module turns them into text, stopping on EOS, stop strings (also ones that span token
+boundaries) and max_tokens, so every engine stops the same way.
+
+Nothing here imports a vendor library.
+"""
+
+from __future__ import annotations
+
+import codecs
+import importlib
+import math
+import pkgutil
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, ClassVar, Iterable, Iterator, Protocol, Sequence, runtime_checkable
+
+from hanlin.devices import Device
+
+__all__ = [
+    "HanlinError",
+    "ConfigError",
+    "ModelError",
+    "DeviceError",
+    "ContextOverflowError",
+    "EngineUnavailable",
+    "GenerationConfig",
+    "TokenEvent",
+    "Capabilities",
+    "Engine",
+    "register",
+    "registered_engines",
+    "get_engine",
+    "select_engine",
+    "Selection",
+    "apply_stops",
+    "check_prompt_fits",
+    "detect_format",
+]
+
+
+# --------------------------------------------------------------------------------------
+# Errors: every error a user can cause is a HanlinError with a message that names what was
+# wrong and what would be right. The CLI prints the message, never a traceback.
+# --------------------------------------------------------------------------------------
+
+
+class HanlinError(Exception):
+    """Base of every error hanlin raises on purpose."""
+
+
+class ConfigError(HanlinError, ValueError):
+    """A setting is out of range (sampling values, context size, ...)."""
+
+
+class ModelError(HanlinError):
+    """A model is unknown, missing, truncated or corrupt."""
+
+
+class DeviceError(HanlinError):
+    """A requested device does not exist here."""
+
+
+class ContextOverflowError(HanlinError, ValueError):
+    """The prompt does not fit in the context window."""
+
+
+class EngineUnavailable(HanlinError):
+    """The requested engine cannot run here (missing library, wrong device, wrong format)."""
+
+
+# --------------------------------------------------------------------------------------
+# Generation settings and events
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """One set of generation settings, shared by every engine, the SDK, the CLI and the server.
+
+    temperature == 0 means greedy decoding (the other sampling settings are then ignored).
+    """
+
+    max_tokens: int | None = 512  # None: until EOS or the context is full
+    temperature: float = 0.7
+    top_p: float = 0.95
+    top_k: int = 40  # 0 disables
+    min_p: float = 0.05  # 0 disables
+    repeat_penalty: float = 1.1  # 1.0 disables
+    seed: int | None = None  # None: a fresh random seed per call
+    stop: tuple[str, ...] = ()
+    logprobs: bool = False  # fill TokenEvent.logprob (costs a softmax per token)
+
+    def __post_init__(self) -> None:
+        # Accept a list or a single string for stop; store a tuple so the config stays hashable.
+        stop = self.stop
+        if isinstance(stop, str):
+            stop = (stop,)
+        object.__setattr__(self, "stop", tuple(stop or ()))
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(name: str, value: Any, rule: str) -> ConfigError:
+            return ConfigError(f"{name}={value!r} is invalid: {rule}")
+
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+            raise bad("max_tokens", self.max_tokens, "it must be a positive integer (or None for no limit)")
+        if not _finite(self.temperature) or self.temperature < 0:
+            raise bad("temperature", self.temperature, "it must be >= 0 (0 means greedy)")
+        if not _finite(self.top_p) or not (0 < self.top_p <= 1):
+            raise bad("top_p", self.top_p, "it must be in (0, 1]")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise bad("top_k", self.top_k, "it must be an integer >= 0 (0 disables it)")
+        if not _finite(self.min_p) or not (0 <= self.min_p < 1):
+            raise bad("min_p", self.min_p, "it must be in [0, 1) (0 disables it)")
+        if not _finite(self.repeat_penalty) or self.repeat_penalty <= 0:
+            raise bad("repeat_penalty", self.repeat_penalty, "it must be > 0 (1.0 disables it)")
+        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
+            raise bad("seed", self.seed, "it must be a non-negative integer")
+        for s in self.stop:
+            if not isinstance(s, str) or not s:
+                raise bad("stop", s, "stop strings must be non-empty strings")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def updated(self, **changes: Any) -> "GenerationConfig":
+        """A copy with some fields changed; unknown names are an error, None means 'keep'."""
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ConfigError(f"unknown generation setting(s) {unknown}; known: {sorted(known)}")
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One step of generation as the caller sees it.
+
+    text is the new text this event adds to the answer: it can be "" (a token that is part of
+    a multi-byte character, or text held back because it may start a stop string) and it can
+    hold the text of several earlier tokens once it is safe to release. The last event of a
+    generation has finish_reason set: "stop" (EOS or a stop string) or "length" (max_tokens or
+    the context window).
+    """
+
+    text: str
+    token_id: int | None
+    logprob: float | None = None
+    finish_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class RawToken:
+    """What an engine's sampler yields before stop handling: the id and its log-probability."""
+
+    token_id: int
+    logprob: float | None = None
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    formats: frozenset[str]  # model formats it loads: "gguf", "hf", "onnx", "openvino"
+    device_kinds: frozenset[str]  # "cpu", "cuda", "npu", "mps"
+    streaming: bool = True
+    gpu_offload: bool = False  # can place layers on an accelerator
+    batching: bool = False  # several sequences in one forward pass
+    logprobs: bool = True
+    embeddings: bool = False
+    grammar: bool = False  # constrained decoding
+    trainable: bool = False
+    priority: int = 0  # higher wins in auto-selection when several engines fit
+
+
+# --------------------------------------------------------------------------------------
+# The protocol
+# --------------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class Engine(Protocol):
+    name: ClassVar[str]
+    capabilities: ClassVar[Capabilities]
+
+    # Static facts, filled by load()
+    model_path: str
+    device: Device
+    context_length: int  # the context window this engine instance was loaded with
+    eos_token_ids: frozenset[int]
+    bos_token_id: int | None
+    add_bos: bool  # whether the model wants BOS in front of a raw prompt
+
+    @classmethod
+    def available(cls, device: Device) -> str | None:
+        """None when the engine can run on this device here; else the reason it cannot."""
+
+    @classmethod
+    def load(cls, path: str, device: Device, **options: Any) -> "Engine": ...
+
+    def metadata(self) -> dict[str, Any]:
+        """Model metadata: at least 'chat_template', 'bos_token', 'eos_token', 'name'."""
+
+    def tokenize(self, text: str, *, add_bos: bool = False, special: bool = True) -> list[int]: ...
+
+    def detokenize(self, ids: Sequence[int]) -> str: ...
+
+    def token_bytes(self, token_id: int) -> bytes: ...
+
+    def generate(self, prompt_ids: Sequence[int], config: GenerationConfig) -> Iterator[TokenEvent]:
+        """Stream TokenEvents; the last one has finish_reason set. Implementations sample raw
+        tokens and pass them through `apply_stops`."""
+
+    def close(self) -> None: ...
+
+
+# --------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------
+
+_REGISTRY: dict[str, type] = {}
+_DISCOVERED = False
+BROKEN: dict[str, str] = {}  # backend package or plugin -> why it failed to import
+
+
+def register(cls: type) -> type:
+    """Class decorator: make an engine known by its `name`."""
+    name = getattr(cls, "name", None)
+    if not name or not isinstance(getattr(cls, "capabilities", None), Capabilities):
+        raise TypeError(f"{cls!r} needs a `name` and `capabilities` to register as an engine")
+    _REGISTRY[name] = cls
+    return cls
+
+
+def _discover() -> None:
+    """Import every backend package (their __init__ registers without importing vendor
+    libraries) and every engine published by other distributions under the
+    'hanlin.engines' entry-point group."""
+    global _DISCOVERED
+    if _DISCOVERED:
+        return
+    _DISCOVERED = True
+    import hanlin.backends as pkg
+
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if info.ispkg:
+            try:
+                importlib.import_module(f"{pkg.__name__}.{info.name}")
+            except Exception as e:  # one broken backend must not take the others down
+                BROKEN[info.name] = f"{type(e).__name__}: {e}"
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="hanlin.engines"):
+        try:
+            ep.load()
+        except Exception as e:
+            BROKEN[ep.name] = f"{type(e).__name__}: {e}"
+
+
+def registered_engines() -> dict[str, type]:
+    _discover()
+    return dict(_REGISTRY)
+
+
+def get_engine(name: str) -> type:
+    engines = registered_engines()
+    if name not in engines:
+        raise EngineUnavailable(f"unknown engine {name!r}; known engines: {', '.join(sorted(engines)) or 'none'}")
+    return engines[name]
+
+
+# --------------------------------------------------------------------------------------
+# Auto-selection: model format + device -> engine, with the reasons kept
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Selection:
+    engine: type
+    device: Device
+    reasons: list[str] = field(default_factory=list)  # one line per engine considered
+
+    def explain(self) -> str:
+        return "\n".join(self.reasons)
+
+
+def detect_format(path: str) -> str:
+    """The model format of a local path: 'gguf', 'hf', 'onnx' or 'openvino'."""
+    import os
+
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "config.json")):
+            return "hf"
+        if any(f.endswith(".onnx") for f in os.listdir(path)):
+            return "onnx"
+        if any(f.endswith(".xml") for f in os.listdir(path)):
+            return "openvino"
+        raise ModelError(
+            f"{path} is a folder but not a model: expected config.json (a Hugging Face folder), "
+            "an .onnx file or an OpenVINO .xml inside it"
+        )
+    if not os.path.exists(path):
+        raise ModelError(f"model path {path} does not exist")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic == b"GGUF":
+        return "gguf"
+    if path.endswith(".onnx"):
+        return "onnx"
+    if path.endswith(".gguf"):
+        return "gguf"  # a bad header; the GGUF engine's validator says exactly what is wrong
+    raise ModelError(f"{path}: unknown model format (expected a .gguf file, an .onnx file or a model folder)")
+
+
+def select_engine(fmt: str, device: Device, requested: str | None = None) -> Selection:
+    """Pick the engine for a model format on a device.
+
+    With `requested` (a name), that engine is checked and used or refused with its reason.
+    Otherwise every registered engine is tried, best priority first.
+    """
+    engines = registered_engines()
+    reasons: list[str] = []
+    if requested and requested != "auto":
+        cls = get_engine(requested)
+        why = _why_not(cls, fmt, device)
+        if why:
+            raise EngineUnavailable(f"engine {requested!r} cannot run this model here: {why}")
+        return Selection(cls, device, [f"{requested}: chosen (--engine {requested})"])
+
+    chosen = None
+    for cls in sorted(engines.values(), key=lambda c: -c.capabilities.priority):
+        why = _why_not(cls, fmt, device)
+        if why:
+            reasons.append(f"{cls.name}: skipped: {why}")
+        elif chosen is None:
+            chosen = cls
+            reasons.append(f"{cls.name}: chosen: reads {fmt} and runs on {device.kind} (priority {cls.capabilities.priority})")
+        else:
+            reasons.append(f"{cls.name}: could run it too, lower priority ({cls.capabilities.priority})")
+    reasons += [f"{name}: failed to import: {why}" for name, why in BROKEN.items()]
+    if chosen is None:
+        detail = "; ".join(reasons) or "no engines are registered"
+        raise EngineUnavailable(f"no engine can run a {fmt} model on {device.label()}: {detail}")
+    return Selection(chosen, device, reasons)
+
+
+def _why_not(cls: type, fmt: str, device: Device) -> str | None:
+    caps: Capabilities = cls.capabilities
+    if fmt not in caps.formats:
+        return f"does not read {fmt} models (reads {', '.join(sorted(caps.formats))})"
+    if device.kind not in caps.device_kinds:
+        return f"does not run on {device.kind} (runs on {', '.join(sorted(caps.device_kinds))})"
+    return cls.available(device)
+
+
+# --------------------------------------------------------------------------------------
+# Shared generation helpers
+# --------------------------------------------------------------------------------------
+
+
+def check_prompt_fits(n_prompt: int, context_length: int, config: GenerationConfig) -> None:
+    """Refuse a prompt that leaves no room to generate, with the numbers."""
+    if n_prompt >= context_length:
+        raise ContextOverflowError(
+            f"the prompt is {n_prompt} tokens but the context window is {context_length} tokens: "
+            f"shorten the prompt by at least {n_prompt - context_length + 1} tokens"
+            " or load the model with a larger context (--ctx-size)"
+        )
+
+
+def apply_stops(
+    raw: Iterable[RawToken],
+    *,
+    token_bytes,
+    eos_ids: Iterable[int],
+    config: GenerationConfig,
+    room: int,
+) -> Iterator[TokenEvent]:
+    """Turn raw sampled tokens into TokenEvents with one shared stop policy.
+
+    - EOS ids end generation (finish "stop"); the EOS token's text is not emitted.
+    - Stop strings end generation (finish "stop") even when they span token boundaries: text
+      that could be the start of a stop string is held back until it is known not to be.
+      The stop string itself is not emitted.
+    - max_tokens, or `room` (tokens left in the context window), ends it with "length".
+    - Bytes are decoded incrementally, so a character split over tokens comes out whole.
+    """
+    eos = frozenset(eos_ids)
+    stops = config.stop
+    limit = room if config.max_tokens is None else min(config.max_tokens, room)
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    pending = ""  # decoded text not yet released (may be the start of a stop string)
+    n = 0
+    if limit <= 0:
+        yield TokenEvent("", None, None, "length")
+        return
+    for tok in raw:
+        n += 1
+        if tok.token_id in eos:
+            tail = pending + decoder.decode(b"", final=True)
+            yield TokenEvent(tail, tok.token_id, tok.logprob, "stop")
+            return
+        pending += decoder.decode(token_bytes(tok.token_id))
+        if stops:
+            cut = _find_stop(pending, stops)
+            if cut is not None:
+                yield TokenEvent(pending[:cut], tok.token_id, tok.logprob, "stop")
+                return
+            keep = _held_back(pending, stops)
+            out, pending = pending[: len(pending) - keep], pending[len(pending) - keep :]
+        else:
+            out, pending = pending, ""
+        if n >= limit:
+            yield TokenEvent(out + pending + decoder.decode(b"", final=True), tok.token_id, tok.logprob, "length")
+            return
+        yield TokenEvent(out, tok.token_id, tok.logprob, None)
+    # The engine ran out of tokens without a reason of its own (its context filled up).
+    yield TokenEvent(pending + decoder.decode(b"", final=True), None, None, "length")
+
+
+def _find_stop(text: str, stops: Sequence[str]) -> int | None:
+    """Index where the earliest stop string starts in text, or None."""
+    best = None
+    for s in stops:
+        i = text.find(s)
+        if i != -1 and (best is None or i < best):
+            best = i
+    return best
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """How many trailing characters of text could be the beginning of a stop string."""
+    keep = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), keep, -1):
+            if text.endswith(s[:k]):
+                keep = k
+                break
+    return keep

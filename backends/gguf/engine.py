@@ -1,0 +1,222 @@
+"""GGUFEngine: llama.cpp through llama-cpp-python.
+
+Why this engine is shaped the way it is:
+- The file is validated by our own reader (gguf_file.py) before llama.cpp opens it: llama.cpp
+  can abort the whole process on a truncated file, and a user deserves a sentence instead.
+- Threads default to the physical core count: llama.cpp's matmuls are memory-bound and
+  hyper-threads only add contention (llama.cpp's own advice).
+- Layers go to the accelerator (n_gpu_layers=-1) only when the device asked for is one and
+  this llama.cpp build can offload; otherwise everything stays on the CPU, and
+  `available()` says why an accelerator cannot be used.
+- Sampling is llama.cpp's own sampler chain (penalties, top-k, top-p, min-p, temperature,
+  seeded dist; greedy at temperature 0), so hanlin samples exactly like llama.cpp does.
+  Stop handling is the shared `apply_stops` from base.py.
+- Llama.generate keeps the longest common prefix of the previous prompt in the KV cache,
+  so a multi-turn chat only evaluates the new turn.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import random
+from typing import Any, ClassVar, Iterator, Sequence
+
+from hanlin.backends.base import (
+    Capabilities,
+    ConfigError,
+    GenerationConfig,
+    RawToken,
+    TokenEvent,
+    apply_stops,
+    check_prompt_fits,
+    register,
+)
+from hanlin.backends.gguf.gguf_file import validate_gguf
+from hanlin.devices import Device
+
+DEFAULT_MAX_CTX = 4096  # a phone-friendly default; --ctx-size raises it up to the model's own
+
+
+@register
+class GGUFEngine:
+    name: ClassVar[str] = "gguf"
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        formats=frozenset({"gguf"}),
+        device_kinds=frozenset({"cpu", "cuda", "mps"}),
+        gpu_offload=True,
+        logprobs=True,
+        embeddings=True,
+        grammar=True,
+        priority=100,  # a .gguf is llama.cpp's own format: prefer it for GGUF files
+    )
+
+    @classmethod
+    def available(cls, device: Device) -> str | None:
+        if importlib.util.find_spec("llama_cpp") is None:
+            return "llama-cpp-python not installed (pip install 'hanlin[gguf]')"
+        if device.kind == "cpu":
+            return None
+        import llama_cpp
+
+        if not llama_cpp.llama_supports_gpu_offload():
+            return f"this llama-cpp-python build has no GPU offload, so it cannot use {device.spec()} (rebuild it with CMAKE_ARGS=-DGGML_CUDA=on, or use --device cpu)"
+        return None
+
+    @classmethod
+    def load(
+        cls,
+        path: str,
+        device: Device,
+        *,
+        ctx_size: int | None = None,
+        threads: int | None = None,
+        gpu_layers: int | None = None,
+        verbose: bool = False,
+        **_: Any,
+    ) -> "GGUFEngine":
+        info = validate_gguf(path)  # raises ModelError before llama.cpp sees a bad file
+        trained_ctx = info.context_length or DEFAULT_MAX_CTX
+        if ctx_size is None:
+            ctx_size = min(trained_ctx, DEFAULT_MAX_CTX)
+        elif not isinstance(ctx_size, int) or ctx_size < 16:
+            raise ConfigError(f"ctx_size={ctx_size!r} is invalid: it must be an integer >= 16")
+        elif ctx_size > trained_ctx:
+            raise ConfigError(
+                f"ctx_size={ctx_size} is larger than the {trained_ctx} tokens {os.path.basename(path)} was trained for"
+            )
+        if threads is None:
+            threads = device.physical_cores or os.cpu_count() or 1
+        elif threads < 1:
+            raise ConfigError(f"threads={threads} is invalid: it must be >= 1")
+        if gpu_layers is None:
+            gpu_layers = -1 if device.kind != "cpu" else 0
+
+        import llama_cpp
+
+        llm = llama_cpp.Llama(
+            model_path=path,
+            n_ctx=ctx_size,
+            n_threads=threads,
+            n_threads_batch=threads,
+            n_gpu_layers=gpu_layers,
+            logits_all=False,
+            verbose=verbose,
+        )
+        return cls(llm, info, path, device, threads=threads, gpu_layers=gpu_layers)
+
+    def __init__(self, llm: Any, info: Any, path: str, device: Device, *, threads: int, gpu_layers: int):
+        self._llm = llm
+        self._info = info
+        self.model_path = path
+        self.device = device
+        self.threads = threads
+        self.gpu_layers = gpu_layers
+        self.context_length = llm.n_ctx()
+        self.bos_token_id = _opt_int(info.metadata.get("tokenizer.ggml.bos_token_id"))
+        eos = {llm.token_eos()}
+        for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
+            v = _opt_int(info.metadata.get(key))
+            if v is not None and v >= 0:
+                eos.add(v)
+        self.eos_token_ids = frozenset(eos)
+        self.add_bos = bool(info.metadata.get("tokenizer.ggml.add_bos_token", llm._model.add_bos_token()))
+        self._piece_cache: dict[int, bytes] = {}
+
+    # ---- facts --------------------------------------------------------------------------
+
+    def metadata(self) -> dict[str, Any]:
+        md = self._info.metadata
+        eos_id = _opt_int(md.get("tokenizer.ggml.eos_token_id"))
+        return {
+            "name": md.get("general.name") or os.path.basename(self.model_path),
+            "architecture": self._info.architecture,
+            "context_length": self._info.context_length,
+            "chat_template": md.get("tokenizer.chat_template"),
+            "bos_token": self._special_text(self.bos_token_id),
+            "eos_token": self._special_text(eos_id),
+            "file_type": md.get("general.file_type"),
+            "n_params": self._info.n_params,
+        }
+
+    def _special_text(self, token_id: int | None) -> str | None:
+        if token_id is None or token_id < 0:
+            return None
+        return self._llm._model.token_to_piece(token_id, special=True).rstrip(b"\0").decode("utf-8", "replace")
+
+    # ---- tokens -------------------------------------------------------------------------
+
+    def tokenize(self, text: str, *, add_bos: bool = False, special: bool = True) -> list[int]:
+        return self._llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return b"".join(self.token_bytes(i) for i in ids).decode("utf-8", "replace")
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes a token adds to the text (special tokens add none), cached."""
+        b = self._piece_cache.get(token_id)
+        if b is None:
+            b = self._llm.detokenize([token_id], special=False)
+            self._piece_cache[token_id] = b
+        return b
+
+    # ---- generation ---------------------------------------------------------------------
+
+    def generate(self, prompt_ids: Sequence[int], config: GenerationConfig) -> Iterator[TokenEvent]:
+        prompt_ids = list(prompt_ids)
+        if not prompt_ids:
+            raise ConfigError("the prompt is empty: give at least one token")
+        check_prompt_fits(len(prompt_ids), self.context_length, config)
+        room = self.context_length - len(prompt_ids)
+        return apply_stops(
+            self._raw_tokens(prompt_ids, config),
+            token_bytes=self.token_bytes,
+            eos_ids=self.eos_token_ids,
+            config=config,
+            room=room,
+        )
+
+    def _raw_tokens(self, prompt_ids: list[int], config: GenerationConfig) -> Iterator[RawToken]:
+        llm = self._llm
+        llm.set_seed(config.seed if config.seed is not None else random.getrandbits(31))
+        greedy = config.greedy
+        it = llm.generate(
+            prompt_ids,
+            temp=0.0 if greedy else config.temperature,
+            top_k=config.top_k,
+            top_p=config.top_p,
+            min_p=config.min_p,
+            repeat_penalty=1.0 if greedy else config.repeat_penalty,
+            reset=True,
+        )
+        if not config.logprobs:
+            for tok in it:
+                yield RawToken(tok)
+            return
+        for tok in it:
+            yield RawToken(tok, self._last_logprob(tok))
+
+    def _last_logprob(self, token_id: int) -> float:
+        """log softmax of the logits that produced token_id (the last decoded position)."""
+        import llama_cpp
+        import numpy as np
+
+        ptr = llama_cpp.llama_get_logits_ith(self._llm._ctx.ctx, -1)
+        logits = np.ctypeslib.as_array(ptr, shape=(self._llm.n_vocab(),))
+        m = float(logits.max())
+        lse = m + math.log(float(np.exp(logits - m).sum()))
+        return float(logits[token_id]) - lse
+
+    def reset(self) -> None:
+        """Forget the cached prompt prefix: the next generate evaluates its whole prompt."""
+        self._llm.reset()
+
+    def close(self) -> None:
+        llm, self._llm = self._llm, None
+        if llm is not None:
+            llm.close()
+
+
+def _opt_int(v: Any) -> int | None:
+    return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
