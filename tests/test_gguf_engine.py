@@ -115,11 +115,15 @@ def test_logprobs_match_llama_cpp_full_logits(llm, default_model_path):
     ref = llama_cpp.Llama(model_path=default_model_path, n_ctx=2048, logits_all=True, verbose=False)
     try:
         ids = llm.chat_ids(msgs)
-        ref.eval(ids + done.token_ids[:-1])
+        # the same schedule as decoding (prompt in one batch, then one token at a time):
+        # llama.cpp's quantized kernels round differently for batched and single rows
+        ref.eval(ids)
+        for t in done.token_ids[:-1]:
+            ref.eval([t])
         scores = np.asarray(ref.scores[len(ids) - 1 : len(ids) - 1 + 6], dtype=np.float64)
         lse = np.log(np.exp(scores - scores.max(axis=1, keepdims=True)).sum(axis=1)) + scores.max(axis=1)
         want = [scores[i, t] - lse[i] for i, t in enumerate(done.token_ids)]
-        assert np.allclose(done.logprobs, want, atol=2e-3)
+        assert np.allclose(done.logprobs, want, atol=1e-4)
         # greedy picks the argmax, so its logprob is the row's largest
         assert all(scores[i].argmax() == t for i, t in enumerate(done.token_ids))
     finally:

@@ -113,7 +113,9 @@ class GGUFEngine:
         self.device = device
         self.threads = threads
         self.gpu_layers = gpu_layers
-        self.context_length = llm.n_ctx()
+        # llama.cpp may round its context up (to a multiple of 256); llama-cpp-python's own
+        # buffers have the size asked for, which is therefore the real limit.
+        self.context_length = min(llm.n_ctx(), llm.context_params.n_ctx)
         self.bos_token_id = _opt_int(info.metadata.get("tokenizer.ggml.bos_token_id"))
         eos = {llm.token_eos()}
         for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
