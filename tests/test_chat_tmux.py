@@ -107,3 +107,13 @@ def test_ctrl_c_stops_the_answer_not_the_program(chat):
     assert "Traceback" not in screen
     chat.send("C-d")
     chat.wait_for(lambda s: chat.dead(), timeout=20)
+
+
+def test_ctrl_c_at_the_prompt_clears_the_line(chat):
+    chat.send("-l", "half a thought")
+    chat.send("C-c")
+    chat.wait_for(lambda s: "(Ctrl-C: line cleared; /exit or Ctrl-D quits)" in s)
+    chat.wait_prompt(2)
+    assert not chat.dead()
+    chat.type_line("/exit")
+    chat.wait_for(lambda s: chat.dead(), timeout=20)

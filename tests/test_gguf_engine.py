@@ -48,7 +48,7 @@ def test_greedy_equals_raw_llama_cpp_token_for_token(llm, raw_llama):
         raw_ids.append(tok)
         if tok == raw_llama.token_eos() or len(raw_ids) >= n:
             break
-    done = llm.chat(messages, temperature=0, max_tokens=n)
+    done = llm.chat(messages, temperature=0, repeat_penalty=1.0, max_tokens=n)
     assert done.token_ids == raw_ids
     assert len(done.token_ids) >= 3
     # and the text agrees with llama-cpp-python's own chat path (its own template rendering)
@@ -57,9 +57,9 @@ def test_greedy_equals_raw_llama_cpp_token_for_token(llm, raw_llama):
 
 
 def test_greedy_is_deterministic_and_multi_turn_cache_reuse_is_correct(llm, raw_llama):
-    first = llm.chat(CONVERSATIONS[0], temperature=0, max_tokens=24)
+    first = llm.chat(CONVERSATIONS[0], temperature=0, repeat_penalty=1.0, max_tokens=24)
     history = CONVERSATIONS[0] + [{"role": "assistant", "content": first.text}, {"role": "user", "content": "And then?"}]
-    second = llm.chat(history, temperature=0, max_tokens=24)  # reuses the KV prefix
+    second = llm.chat(history, temperature=0, repeat_penalty=1.0, max_tokens=24)  # reuses the KV prefix
     raw_llama.reset()
     ids = llm.chat_ids(history)
     ref = []
@@ -68,7 +68,7 @@ def test_greedy_is_deterministic_and_multi_turn_cache_reuse_is_correct(llm, raw_
         if tok == raw_llama.token_eos() or len(ref) >= 24:
             break
     assert second.token_ids == ref
-    assert llm.chat(CONVERSATIONS[0], temperature=0, max_tokens=24).token_ids == first.token_ids
+    assert llm.chat(CONVERSATIONS[0], temperature=0, repeat_penalty=1.0, max_tokens=24).token_ids == first.token_ids
 
 
 def test_seeded_sampling_reproduces_and_seeds_differ(llm):
@@ -110,7 +110,7 @@ def test_logprobs_match_llama_cpp_full_logits(llm, default_model_path):
     import numpy as np
 
     msgs = CONVERSATIONS[0]
-    done = llm.chat(msgs, temperature=0, max_tokens=6, logprobs=True)
+    done = llm.chat(msgs, temperature=0, repeat_penalty=1.0, max_tokens=6, logprobs=True)
     assert len(done.logprobs) == len(done.token_ids) == 6
     ref = llama_cpp.Llama(model_path=default_model_path, n_ctx=2048, logits_all=True, verbose=False)
     try:
@@ -180,3 +180,16 @@ def test_generation_config_defaults_flow_through(llm):
     cfg = GenerationConfig(max_tokens=3, temperature=0)
     done = llm.chat(CONVERSATIONS[0], config=cfg)
     assert done.completion_tokens == 3
+
+
+def test_repeat_penalty_applies_to_greedy_like_llama_cpp(llm, raw_llama):
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = llm.chat_ids(msgs)
+    for penalty in (1.0, 1.3):
+        raw_llama.reset()
+        ref = []
+        for tok in raw_llama.generate(ids, temp=0.0, repeat_penalty=penalty, reset=True):
+            ref.append(tok)
+            if tok == raw_llama.token_eos() or len(ref) >= 40:
+                break
+        assert llm.chat(msgs, temperature=0, repeat_penalty=penalty, max_tokens=40).token_ids == ref

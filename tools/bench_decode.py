@@ -46,7 +46,7 @@ def hanlin_run(llm, ids: list[int], n: int) -> tuple[float, float, list[int]]:
     out: list[int] = []
     t0 = time.perf_counter()
     t_first = None
-    for ev in llm.generate_ids(ids, stream=True, max_tokens=n, temperature=0.0):
+    for ev in llm.generate_ids(ids, stream=True, max_tokens=n, temperature=0.0, repeat_penalty=1.0):
         if t_first is None:
             t_first = time.perf_counter()
         if ev.token_id is not None:

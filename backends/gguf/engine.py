@@ -189,7 +189,7 @@ class GGUFEngine:
             top_k=config.top_k,
             top_p=config.top_p,
             min_p=config.min_p,
-            repeat_penalty=1.0 if greedy else config.repeat_penalty,
+            repeat_penalty=config.repeat_penalty,  # llama.cpp applies penalties before greedy too
             reset=True,
         )
         if not config.logprobs:

@@ -1,0 +1,24 @@
+"""The decode benchmark runs and reports both sides of its comparison (its figures are read
+by people, not asserted: speed claims live in the benchmark, not in timed tests)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_bench_decode_prints_json_with_baseline(default_model_path):
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "bench_decode.py"), "--model", default_model_path, "--tokens", "16", "--runs", "1"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["hanlin_tok_s"] > 0 and data["raw_llama_cpp_tok_s"] > 0
+    assert abs(data["ratio"] - data["hanlin_tok_s"] / data["raw_llama_cpp_tok_s"]) < 1e-3
+    assert data["same_tokens"] is True  # both sides decoded the same greedy tokens
+    assert data["generated_tokens"] == 16
