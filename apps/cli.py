@@ -183,9 +183,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
     if prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read()
         if not prompt.strip():
-            raise _usage("no input on stdin: pass --prompt TEXT, or run `hanlin chat` in a terminal")
+            raise _UsageError("no input on stdin: pass --prompt TEXT, or run `hanlin chat` in a terminal")
     if args.json and prompt is None:
-        raise _usage("--json answers one message: use it with --prompt TEXT or piped input")
+        raise _UsageError("--json answers one message: use it with --prompt TEXT or piped input")
 
     llm = hanlin.load(
         args.model or hanlin.DEFAULT_MODEL, device=args.device, engine=args.engine, config=config,
@@ -347,11 +347,7 @@ class ChatSession:
 
 
 class _UsageError(Exception):
-    pass
-
-
-def _usage(msg: str) -> _UsageError:
-    return _UsageError(msg)
+    """Flags that do not go together (printed like any other user error)."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -318,7 +318,3 @@ def _pull_from_hub(entry: CatalogEntry, dest: Path, out: TextIO) -> None:
     if Path(path) != dest:
         os.replace(path, dest)
 
-
-def describe(model: ResolvedModel) -> str:
-    return f"{model.name} ({model.format}, {model.path})"
-

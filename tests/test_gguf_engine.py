@@ -22,6 +22,17 @@ CONVERSATIONS = [
 ]
 
 
+def raw_greedy(raw, ids, n, penalty=1.0):
+    """Raw llama-cpp-python greedy decoding: the reference token ids."""
+    raw.reset()
+    out = []
+    for tok in raw.generate(ids, temp=0.0, repeat_penalty=penalty, reset=True):
+        out.append(tok)
+        if tok == raw.token_eos() or len(out) >= n:
+            break
+    return out
+
+
 @pytest.fixture(scope="module")
 def hf_tokenizer(default_model_path):
     transformers = pytest.importorskip("transformers", reason="dev extra: transformers is the reference tokenizer")
@@ -42,12 +53,7 @@ def test_greedy_equals_raw_llama_cpp_token_for_token(llm, raw_llama):
     messages = CONVERSATIONS[1]
     ids = llm.chat_ids(messages)
     n = 48
-    raw_ids = []
-    raw_llama.reset()
-    for tok in raw_llama.generate(ids, temp=0.0, repeat_penalty=1.0, reset=True):
-        raw_ids.append(tok)
-        if tok == raw_llama.token_eos() or len(raw_ids) >= n:
-            break
+    raw_ids = raw_greedy(raw_llama, ids, n)
     done = llm.chat(messages, temperature=0, repeat_penalty=1.0, max_tokens=n)
     assert done.token_ids == raw_ids
     assert len(done.token_ids) >= 3
@@ -60,14 +66,7 @@ def test_greedy_is_deterministic_and_multi_turn_cache_reuse_is_correct(llm, raw_
     first = llm.chat(CONVERSATIONS[0], temperature=0, repeat_penalty=1.0, max_tokens=24)
     history = CONVERSATIONS[0] + [{"role": "assistant", "content": first.text}, {"role": "user", "content": "And then?"}]
     second = llm.chat(history, temperature=0, repeat_penalty=1.0, max_tokens=24)  # reuses the KV prefix
-    raw_llama.reset()
-    ids = llm.chat_ids(history)
-    ref = []
-    for tok in raw_llama.generate(ids, temp=0.0, repeat_penalty=1.0, reset=True):
-        ref.append(tok)
-        if tok == raw_llama.token_eos() or len(ref) >= 24:
-            break
-    assert second.token_ids == ref
+    assert second.token_ids == raw_greedy(raw_llama, llm.chat_ids(history), 24)
     assert llm.chat(CONVERSATIONS[0], temperature=0, repeat_penalty=1.0, max_tokens=24).token_ids == first.token_ids
 
 
@@ -186,10 +185,5 @@ def test_repeat_penalty_applies_to_greedy_like_llama_cpp(llm, raw_llama):
     msgs = [{"role": "user", "content": "What is the capital of France?"}]
     ids = llm.chat_ids(msgs)
     for penalty in (1.0, 1.3):
-        raw_llama.reset()
-        ref = []
-        for tok in raw_llama.generate(ids, temp=0.0, repeat_penalty=penalty, reset=True):
-            ref.append(tok)
-            if tok == raw_llama.token_eos() or len(ref) >= 40:
-                break
+        ref = raw_greedy(raw_llama, ids, 40, penalty)
         assert llm.chat(msgs, temperature=0, repeat_penalty=penalty, max_tokens=40).token_ids == ref

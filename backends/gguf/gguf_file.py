@@ -363,7 +363,7 @@ def _check_ranges(info: GGUFInfo) -> None:
                 f"{info.path} is truncated: tensor {name!r} needs bytes [{start}, {end}) but the file is only "
                 f"{info.file_size} bytes; the download is incomplete (expected at least {need} bytes), fetch it again"
             )
-    for (s1, e1, n1), (s2, _, n2) in zip(spans, spans[1:]):
+    for (_, e1, n1), (s2, _, n2) in zip(spans, spans[1:]):
         if s2 < e1:
             raise ModelError(f"{info.path} is corrupt: tensors {n1!r} and {n2!r} overlap (bytes {s2} to {e1})")
 
