@@ -1,0 +1,256 @@
+"""TorchEngine: the native Transformer behind the Engine protocol.
+
+Tokenizers, so that every engine sees the same ids:
+- a GGUF file uses llama.cpp's own tokenizer, loaded vocab-only (no weights): the ids are
+  llama.cpp's by construction;
+- a Hugging Face folder uses tokenizer.json through the `tokenizers` library, the same
+  tokenizer transformers uses.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from typing import Any, ClassVar, Iterator, Sequence
+
+from hanlin.backends.base import (
+    Capabilities,
+    ConfigError,
+    GenerationConfig,
+    ModelError,
+    RawToken,
+    TokenEvent,
+    apply_stops,
+    check_prompt_fits,
+    register,
+)
+from hanlin.devices import Device
+
+DEFAULT_MAX_CTX = 4096
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _has(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+@register
+class TorchEngine:
+    name: ClassVar[str] = "torch"
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        formats=frozenset({"hf", "gguf"}),
+        device_kinds=frozenset({"cpu", "cuda", "npu", "mps"}),
+        batching=True,
+        trainable=True,
+        priority=50,  # for a .gguf, llama.cpp (priority 100) is preferred; for HF folders this one
+    )
+
+    @classmethod
+    def available(cls, device: Device) -> str | None:
+        if not _has("torch"):
+            return "torch not installed (pip install -c constraints.txt 'hanlin[torch]')"
+        if device.kind == "npu" and not _has("torch_npu"):
+            return "torch_npu not installed (pip install 'hanlin[ascend]' on a machine with Ascend CANN)"
+        return None
+
+    @classmethod
+    def load(cls, path: str, device: Device, *, ctx_size: int | None = None, dtype: str = "auto", **_: Any) -> "TorchEngine":
+        import torch
+
+        from hanlin.backends.torch import weights
+
+        torch_device = torch.device(device.spec() if device.kind != "cpu" else "cpu")
+        tdtype = _pick_dtype(dtype, device)
+        if os.path.isdir(path):
+            model = weights.load_hf_folder(path, dtype=tdtype, device=torch_device)
+            tok = HFTokenizer(path)
+            from hanlin.chat_template import load_folder_template
+
+            template, bos, eos = load_folder_template(path)
+            meta = {"chat_template": template, "bos_token": bos, "eos_token": eos, "name": os.path.basename(path.rstrip("/"))}
+        else:
+            from hanlin.backends.gguf.gguf_file import validate_gguf
+
+            info = validate_gguf(path)
+            model = weights.load_gguf(path, dtype=tdtype, device=torch_device)
+            tok = LlamaCppTokenizer(path)
+            meta = {"chat_template": info.chat_template, "bos_token": tok.special_text(info.bos_token_id),
+                    "eos_token": tok.special_text(info.eos_token_id), "name": info.name}  # fmt: skip
+        trained = model.config.max_seq_len
+        if ctx_size is None:
+            ctx_size = min(trained, DEFAULT_MAX_CTX)
+        elif ctx_size < 16 or ctx_size > trained:
+            raise ConfigError(f"ctx_size={ctx_size} is invalid: it must be between 16 and the model's {trained} tokens")
+        return cls(model, tok, meta, path, device, ctx_size)
+
+    def __init__(self, model: Any, tokenizer: Any, meta: dict[str, Any], path: str, device: Device, ctx_size: int):
+        from hanlin.backends.torch.generate import KVCache
+
+        self.model = model
+        self.tok = tokenizer
+        self._meta = meta
+        self.model_path = path
+        self.device = device
+        self.context_length = ctx_size
+        cfg = model.config
+        eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id]
+        self.eos_token_ids = frozenset(int(e) for e in eos if e is not None) | tokenizer.eos_ids
+        self.bos_token_id = cfg.bos_token_id
+        self.add_bos = tokenizer.add_bos
+        param = next(model.parameters())
+        self.dtype = param.dtype
+        self._cache = KVCache(model, 1, ctx_size, param.dtype, param.device)
+
+    def metadata(self) -> dict[str, Any]:
+        return dict(self._meta, architecture=self.model.config.arch, context_length=self.model.config.max_seq_len)
+
+    def tokenize(self, text: str, *, add_bos: bool = False, special: bool = True) -> list[int]:
+        return self.tok.encode(text, add_bos=add_bos, special=special)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return b"".join(self.token_bytes(i) for i in ids).decode("utf-8", "replace")
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self.tok.token_bytes(token_id)
+
+    def generate(self, prompt_ids: Sequence[int], config: GenerationConfig) -> Iterator[TokenEvent]:
+        from hanlin.backends.torch.generate import generate_one
+
+        prompt_ids = list(prompt_ids)
+        if not prompt_ids:
+            raise ConfigError("the prompt is empty: give at least one token")
+        check_prompt_fits(len(prompt_ids), self.context_length, config)
+        room = self.context_length - len(prompt_ids)
+        max_new = room if config.max_tokens is None else min(room, config.max_tokens)
+        raw = (RawToken(s.token_id, s.logprob) for s in generate_one(self.model, self._cache, prompt_ids, config, max_new))
+        return apply_stops(raw, token_bytes=self.token_bytes, eos_ids=self.eos_token_ids, config=config, room=room)
+
+    def generate_batch(self, prompts: Sequence[Sequence[int]], config: GenerationConfig) -> list[list[int]]:
+        """Several prompts decoded together (token ids out, each ending at EOS or max_tokens)."""
+        from hanlin.backends.torch.generate import generate_batch
+
+        longest = max(len(p) for p in prompts)
+        check_prompt_fits(longest, self.context_length, config)
+        max_new = min(config.max_tokens or self.context_length, self.context_length - longest)
+        return generate_batch(self.model, prompts, config, max_new, self.eos_token_ids)
+
+    def reset(self) -> None:
+        self._cache.tokens = []
+
+    def close(self) -> None:
+        self.model = None
+        self._cache = None
+
+
+def _pick_dtype(name: str, device: Device):
+    import torch
+
+    if name not in DTYPES:
+        raise ConfigError(f"dtype={name!r} is invalid: use one of {', '.join(DTYPES)}")
+    if name == "auto":
+        # float32 on CPUs (exact, and bf16 matmuls are slow without AMX); bf16 where the
+        # accelerator has it, else float16
+        if device.kind == "cpu":
+            return torch.float32
+        return torch.bfloat16 if "bfloat16" in device.dtypes else torch.float16
+    if name not in device.dtypes:
+        raise ConfigError(f"dtype={name} is not supported on {device.label()} (it supports {', '.join(device.dtypes)})")
+    return getattr(torch, name)
+
+
+# --------------------------------------------------------------------------------------
+# tokenizers
+# --------------------------------------------------------------------------------------
+
+
+class LlamaCppTokenizer:
+    """llama.cpp's tokenizer for a GGUF file, loaded without weights (vocab_only)."""
+
+    def __init__(self, path: str):
+        try:
+            import llama_cpp
+        except ImportError:
+            raise ModelError("reading a GGUF file's tokenizer needs llama-cpp-python (pip install 'hanlin[gguf]')") from None
+        from llama_cpp._utils import suppress_stdout_stderr
+
+        with suppress_stdout_stderr(disable=False):  # llama.cpp logs from C even when verbose=False
+            self._llm = llama_cpp.Llama(model_path=path, vocab_only=True, verbose=False)
+        self.add_bos = bool(self._llm._model.add_bos_token())
+        self.eos_ids = frozenset({self._llm.token_eos()})
+        self._cache: dict[int, bytes] = {}
+
+    def encode(self, text: str, *, add_bos: bool, special: bool) -> list[int]:
+        return self._llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        b = self._cache.get(token_id)
+        if b is None:
+            b = self._cache[token_id] = self._llm.detokenize([token_id], special=False)
+        return b
+
+    def special_text(self, token_id: int | None) -> str | None:
+        if token_id is None:
+            return None
+        return self._llm._model.token_to_piece(token_id, special=True).rstrip(b"\0").decode("utf-8", "replace")
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2 byte-level BPE's printable stand-ins for the 256 byte values, reversed."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, n = [], 0
+    for b in range(256):
+        if b in keep:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + n))
+            n += 1
+    return {c: b for b, c in enumerate(chars)}
+
+
+class HFTokenizer:
+    """tokenizer.json through the `tokenizers` library, with exact per-token bytes."""
+
+    def __init__(self, folder: str):
+        path = os.path.join(folder, "tokenizer.json")
+        if not os.path.isfile(path):
+            raise ModelError(f"{folder} has no tokenizer.json")
+        from tokenizers import Tokenizer
+
+        self._tok = Tokenizer.from_file(path)
+        with open(path, encoding="utf-8") as f:
+            spec = json.load(f)
+        decoder = json.dumps(spec.get("decoder") or {})
+        self._byte_level = '"ByteLevel"' in decoder
+        self._special = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
+        cfg_path = os.path.join(folder, "tokenizer_config.json")
+        cfg = json.load(open(cfg_path, encoding="utf-8")) if os.path.isfile(cfg_path) else {}
+        self.add_bos = bool(cfg.get("add_bos_token", False))
+        eos = cfg.get("eos_token")
+        eos = eos.get("content") if isinstance(eos, dict) else eos
+        eos_id = self._tok.token_to_id(eos) if isinstance(eos, str) else None
+        self.eos_ids = frozenset({eos_id} if eos_id is not None else ())
+        self._bytes = _byte_decoder() if self._byte_level else None
+        self._cache: dict[int, bytes] = {}
+
+    def encode(self, text: str, *, add_bos: bool, special: bool) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_bos).ids
+
+    def token_bytes(self, token_id: int) -> bytes:
+        b = self._cache.get(token_id)
+        if b is not None:
+            return b
+        piece = self._tok.id_to_token(token_id) or ""
+        if token_id in self._special:
+            b = b""
+        elif self._bytes is not None:
+            b = bytes(self._bytes[c] for c in piece if c in self._bytes)
+        elif piece.startswith("<0x") and piece.endswith(">") and len(piece) == 6:
+            b = bytes([int(piece[3:5], 16)])  # sentencepiece byte fallback
+        else:
+            b = piece.replace("▁", " ").encode("utf-8")
+        self._cache[token_id] = b
+        return b
