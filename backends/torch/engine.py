@@ -68,7 +68,7 @@ class TorchEngine:
         if os.path.isdir(path):
             model = weights.load_hf_folder(path, dtype=tdtype, device=torch_device)
             tok = HFTokenizer(path)
-            from hanlin.chat_template import load_folder_template
+            from hanlin.backends.hf_meta import load_folder_template
 
             template, bos, eos = load_folder_template(path)
             meta = {"chat_template": template, "bos_token": bos, "eos_token": eos, "name": os.path.basename(path.rstrip("/"))}
