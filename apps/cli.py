@@ -4,6 +4,7 @@
     hanlin devices [--json]
     hanlin models [--json]
     hanlin pull NAME [--force]
+    hanlin perplexity [--model M] [--engine E] [--ctx 512] FILE
 
 Errors a user can cause are printed as one clear sentence (exit code 2), never a traceback.
 The CLI holds no logic of its own: it parses flags and calls the SDK.
@@ -65,6 +66,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     c.set_defaults(func=cmd_chat)
 
+    px = sub.add_parser(
+        "perplexity",
+        help="perplexity of a text file (like llama.cpp's perplexity tool)",
+        description="Perplexity of a text under a model: the text is tokenized, cut into chunks of --ctx tokens, and the "
+        "second half of each chunk is scored given the first (llama.cpp's method), so engines can be compared.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _model_args(px)
+    px.add_argument("file", help="a UTF-8 text file, e.g. ../shared/datasets/wikitext2/test.txt")
+    px.add_argument("--ctx", type=int, default=512, help="tokens per chunk")
+    px.add_argument("--max-tokens", type=int, default=None, help="use only the first N tokens of the text")
+    px.add_argument("--json", action="store_true", help="machine-readable output")
+    px.set_defaults(func=cmd_perplexity)
+
     d = sub.add_parser("devices", help="list the devices here and what can run on them", description="List the devices the device layer found, and why the others were not found.")
     d.add_argument("--json", action="store_true", help="machine-readable output")
     d.set_defaults(func=cmd_devices)
@@ -83,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=None, help="catalogue name or path to a .gguf file / model folder (default: smollm2-135m-instruct)")
     p.add_argument("--device", "-d", default="auto", help="auto, cpu, cuda, cuda:N, npu:N, mps")
-    p.add_argument("--engine", "-e", default="auto", help="auto or an engine name (gguf, ...)")
+    p.add_argument("--engine", "-e", default="auto", help="auto or an engine name (gguf, torch)")
+    p.add_argument("--dtype", default="auto", help="torch engine: auto, float32, bfloat16, float16")
     p.add_argument("--ctx-size", type=int, default=None, help="context window in tokens (default: the model's, at most 4096)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
 
@@ -171,6 +187,41 @@ def cmd_pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_perplexity(args: argparse.Namespace) -> int:
+    import time
+
+    import hanlin
+    from hanlin.backends.base import perplexity
+
+    try:
+        with open(args.file, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise _UsageError(f"{args.file} does not exist") from None
+    except UnicodeDecodeError as e:
+        raise _UsageError(f"{args.file} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if args.max_tokens is not None and args.max_tokens < args.ctx:
+        raise _UsageError(f"--max-tokens {args.max_tokens} is less than one chunk (--ctx {args.ctx})")
+    llm = hanlin.load(args.model or hanlin.DEFAULT_MODEL, device=args.device, engine=args.engine,
+                      pull_missing=True, ctx_size=args.ctx_size or max(args.ctx, 512), threads=args.threads, dtype=args.dtype)  # fmt: skip
+    ids = llm.tokenize(text, add_bos=False)
+    if args.max_tokens is not None:
+        ids = ids[: args.max_tokens]
+    bos = llm.engine.bos_token_id if llm.engine.add_bos else None
+    t0 = time.perf_counter()
+    res = perplexity(llm.engine, ids, args.ctx, bos=bos)
+    secs = time.perf_counter() - t0
+    out = {"model": llm.name, "engine": llm.engine.name, "device": llm.device.spec(), "file": args.file,
+           "perplexity": round(res.perplexity, 4), "tokens_scored": res.tokens_scored, "chunks": res.chunks,
+           "ctx": res.ctx, "seconds": round(secs, 2)}  # fmt: skip
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"{llm.name} on {llm.engine.name}/{llm.device.spec()}: perplexity {res.perplexity:.4f} "
+              f"over {res.tokens_scored} tokens ({res.chunks} chunks of {res.ctx}), {secs:.1f} s")  # fmt: skip
+    return 0
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     import hanlin
     from hanlin.backends.base import GenerationConfig
@@ -189,7 +240,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     llm = hanlin.load(
         args.model or hanlin.DEFAULT_MODEL, device=args.device, engine=args.engine, config=config,
-        pull_missing=not args.no_pull, ctx_size=args.ctx_size, threads=args.threads,
+        pull_missing=not args.no_pull, ctx_size=args.ctx_size, threads=args.threads, dtype=args.dtype,
     )  # fmt: skip
     if args.explain:
         print(llm.explain(), file=sys.stderr)

@@ -48,6 +48,10 @@ __all__ = [
     "apply_stops",
     "check_prompt_fits",
     "detect_format",
+    "TokenScores",
+    "loglikelihood",
+    "perplexity",
+    "PerplexityResult",
 ]
 
 
@@ -227,7 +231,17 @@ class Engine(Protocol):
         """Stream TokenEvents; the last one has finish_reason set. Implementations sample raw
         tokens and pass them through `apply_stops`."""
 
+    def score_tokens(self, ids: Sequence[int]) -> "TokenScores":
+        """Log-probability of each ids[i] given ids[:i] (i >= 1), and the model's argmax there,
+        in one causal pass (len(ids) <= context_length)."""
+
     def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class TokenScores:
+    logprobs: list[float]  # len(ids) - 1 values: log p(ids[i] | ids[:i]) for i = 1..
+    argmax: list[int]  # the model's most likely token at each of those positions
 
 
 # --------------------------------------------------------------------------------------
@@ -432,6 +446,59 @@ def apply_stops(
         yield TokenEvent(out, tok.token_id, tok.logprob, None)
     # The engine ran out of tokens without a reason of its own (its context filled up).
     yield TokenEvent(pending + decoder.decode(b"", final=True), None, None, "length")
+
+
+def loglikelihood(engine: Any, context: Sequence[int], continuation: Sequence[int]) -> tuple[float, bool]:
+    """Sum of log p(continuation | context) and whether greedy decoding would produce it
+    (lm-evaluation-harness's loglikelihood request)."""
+    if not continuation:
+        raise ConfigError("the continuation is empty")
+    ids = list(context) + list(continuation)
+    if len(ids) > engine.context_length:
+        ids = ids[-engine.context_length :]  # keep the continuation and as much context as fits
+    if len(ids) < 2 or len(continuation) >= len(ids):
+        raise ContextOverflowError(f"the continuation ({len(continuation)} tokens) leaves no context in a {engine.context_length}-token window")
+    sc = engine.score_tokens(ids)
+    n = len(continuation)
+    tail_lp, tail_arg = sc.logprobs[-n:], sc.argmax[-n:]
+    return float(sum(tail_lp)), list(tail_arg) == list(ids[-n:])
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    perplexity: float
+    tokens_scored: int
+    chunks: int
+    ctx: int
+    logprobs: list[float]
+    argmax: list[int]
+    targets: list[int]
+
+
+def perplexity(engine: Any, ids: Sequence[int], ctx: int, *, bos: int | None = None) -> PerplexityResult:
+    """llama.cpp's perplexity: cut ids into chunks of ctx tokens, score the second half of each
+    chunk (the first half is context), and average the negative log-likelihood."""
+    if ctx < 8 or ctx > engine.context_length:
+        raise ConfigError(f"ctx={ctx} is invalid: it must be between 8 and the engine's context of {engine.context_length}")
+    ids = list(ids)
+    n_chunks = len(ids) // ctx
+    if n_chunks == 0:
+        raise ConfigError(f"the text is {len(ids)} tokens, shorter than one chunk of {ctx}: use a smaller --ctx or more text")
+    lps: list[float] = []
+    arg: list[int] = []
+    tgt: list[int] = []
+    first = ctx // 2
+    for c in range(n_chunks):
+        chunk = ids[c * ctx : (c + 1) * ctx]
+        if bos is not None:
+            chunk = [bos] + chunk[1:]  # llama.cpp puts BOS at the start of every chunk
+        sc = engine.score_tokens(chunk)
+        # sc covers positions 1..ctx-1; score positions first..ctx-1
+        lps += sc.logprobs[first - 1 :]
+        arg += sc.argmax[first - 1 :]
+        tgt += chunk[first:]
+    nll = -sum(lps) / len(lps)
+    return PerplexityResult(math.exp(nll), len(lps), n_chunks, ctx, lps, arg, tgt)
 
 
 def _find_stop(text: str, stops: Sequence[str]) -> int | None:

@@ -26,9 +26,11 @@ from typing import Any, ClassVar, Iterator, Sequence
 from hanlin.backends.base import (
     Capabilities,
     ConfigError,
+    ContextOverflowError,
     GenerationConfig,
     RawToken,
     TokenEvent,
+    TokenScores,
     apply_stops,
     check_prompt_fits,
     register,
@@ -213,6 +215,41 @@ class GGUFEngine:
         m = float(logits.max())
         lse = m + math.log(float(np.exp(logits - m).sum()))
         return float(logits[token_id]) - lse
+
+    def score_tokens(self, ids: Sequence[int]) -> TokenScores:
+        """One causal pass over ids with logits kept for every position (in n_batch pieces),
+        read row by row, so no (tokens x vocab) array is ever held."""
+        import llama_cpp
+        import numpy as np
+        from llama_cpp._internals import LlamaBatch
+
+        ids = list(ids)
+        if len(ids) > self.context_length:
+            raise ContextOverflowError(f"scoring {len(ids)} tokens needs a context of at least that; this engine has {self.context_length}")
+        llm = self._llm
+        llm._ctx.kv_cache_clear()
+        llm.reset()
+        n_vocab, step = llm.n_vocab(), llm.n_batch
+        batch = LlamaBatch(n_tokens=step, embd=0, n_seq_max=1)
+        logprobs: list[float] = []
+        argmax: list[int] = []
+        try:
+            for start in range(0, len(ids), step):
+                chunk = ids[start : start + step]
+                batch.set_batch(chunk, n_past=start, logits_all=True)
+                llm._ctx.decode(batch)
+                for i in range(len(chunk)):
+                    if start + i + 1 >= len(ids):
+                        break
+                    row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, i), shape=(n_vocab,)).astype(np.float64)
+                    m = row.max()
+                    lse = m + np.log(np.exp(row - m).sum())
+                    logprobs.append(float(row[ids[start + i + 1]] - lse))
+                    argmax.append(int(row.argmax()))
+        finally:
+            llm._ctx.kv_cache_clear()  # the next generate starts from a clean cache
+            llm.reset()
+        return TokenScores(logprobs, argmax)
 
     def reset(self) -> None:
         """Forget the cached prompt prefix: the next generate evaluates its whole prompt."""

@@ -17,10 +17,12 @@ from typing import Any, ClassVar, Iterator, Sequence
 from hanlin.backends.base import (
     Capabilities,
     ConfigError,
+    ContextOverflowError,
     GenerationConfig,
     ModelError,
     RawToken,
     TokenEvent,
+    TokenScores,
     apply_stops,
     check_prompt_fits,
     register,
@@ -137,6 +139,20 @@ class TorchEngine:
         check_prompt_fits(longest, self.context_length, config)
         max_new = min(config.max_tokens or self.context_length, self.context_length - longest)
         return generate_batch(self.model, prompts, config, max_new, self.eos_token_ids)
+
+    def score_tokens(self, ids: Sequence[int]) -> TokenScores:
+        import torch
+
+        ids = list(ids)
+        if len(ids) > self.context_length:
+            raise ContextOverflowError(f"scoring {len(ids)} tokens needs a context of at least that; this engine has {self.context_length}")
+        device = next(self.model.parameters()).device
+        with torch.inference_mode():
+            logits = self.model(torch.tensor([ids], device=device))[0, :-1]  # (T-1, V)
+            lps = torch.log_softmax(logits.double(), dim=-1)
+            target = torch.tensor(ids[1:], device=device)
+            chosen = lps.gather(1, target[:, None])[:, 0]
+            return TokenScores(chosen.tolist(), logits.argmax(dim=-1).tolist())
 
     def reset(self) -> None:
         self._cache.tokens = []

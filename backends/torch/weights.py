@@ -47,6 +47,13 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
     if arch is None:
         raise UnsupportedArchitecture(archs or [cfg.get("model_type")])
     n_heads = cfg["num_attention_heads"]
+    # transformers 5 writes RoPE settings as rope_parameters {rope_type, rope_theta, factor, ...};
+    # older configs as rope_theta + rope_scaling
+    rope = cfg.get("rope_parameters") or {}
+    theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    scaling = cfg.get("rope_scaling")
+    if rope and rope.get("rope_type", "default") != "default":
+        scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
     return ModelConfig(
         arch=arch,
         vocab_size=cfg["vocab_size"],
@@ -57,8 +64,8 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
         head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
         hidden_dim=cfg["intermediate_size"],
         norm_eps=cfg.get("rms_norm_eps", 1e-6),
-        rope_theta=cfg.get("rope_theta", 10000.0),
-        rope_scaling=cfg.get("rope_scaling"),
+        rope_theta=theta,
+        rope_scaling=scaling,
         max_seq_len=cfg.get("max_position_embeddings", 4096),
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         qkv_bias=True if arch == "qwen2" else bool(cfg.get("attention_bias", cfg.get("bias", False))),
