@@ -342,24 +342,26 @@ def detect_format(path: str) -> str:
     raise ModelError(f"{path}: unknown model format (expected a .gguf file, an .onnx file or a model folder)")
 
 
-def select_engine(fmt: str, device: Device, requested: str | None = None) -> Selection:
+def select_engine(fmt: str, device: Device, requested: str | None = None, path: str | None = None) -> Selection:
     """Pick the engine for a model format on a device.
 
     With `requested` (a name), that engine is checked and used or refused with its reason.
-    Otherwise every registered engine is tried, best priority first.
+    Otherwise every registered engine is tried, best priority first. With `path`, engines
+    that define `supports(path)` may also refuse a particular model (e.g. an architecture
+    the native engine does not build), so the next engine gets it.
     """
     engines = registered_engines()
     reasons: list[str] = []
     if requested and requested != "auto":
         cls = get_engine(requested)
-        why = _why_not(cls, fmt, device)
+        why = _why_not(cls, fmt, device, path)
         if why:
             raise EngineUnavailable(f"engine {requested!r} cannot run this model here: {why}")
         return Selection(cls, device, [f"{requested}: chosen (--engine {requested})"])
 
     chosen = None
     for cls in sorted(engines.values(), key=lambda c: -c.capabilities.priority):
-        why = _why_not(cls, fmt, device)
+        why = _why_not(cls, fmt, device, path)
         if why:
             reasons.append(f"{cls.name}: skipped: {why}")
         elif chosen is None:
@@ -374,13 +376,16 @@ def select_engine(fmt: str, device: Device, requested: str | None = None) -> Sel
     return Selection(chosen, device, reasons)
 
 
-def _why_not(cls: type, fmt: str, device: Device) -> str | None:
+def _why_not(cls: type, fmt: str, device: Device, path: str | None = None) -> str | None:
     caps: Capabilities = cls.capabilities
     if fmt not in caps.formats:
         return f"does not read {fmt} models (reads {', '.join(sorted(caps.formats))})"
     if device.kind not in caps.device_kinds:
         return f"does not run on {device.kind} (runs on {', '.join(sorted(caps.device_kinds))})"
-    return cls.available(device)
+    why = cls.available(device)
+    if why is None and path is not None and hasattr(cls, "supports"):
+        why = cls.supports(path)
+    return why
 
 
 # --------------------------------------------------------------------------------------

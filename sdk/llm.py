@@ -237,27 +237,27 @@ def load(
             raise
         pull(e.entry.name)
         resolved = resolve(model)
-    selection = _choose(resolved.format, device, engine)
+    selection = _choose(resolved.format, device, engine, resolved.path)
     eng = selection.engine.load(resolved.path, selection.device, **engine_options)
     return LLM(eng, resolved, selection, config or GenerationConfig())
 
 
-def _choose(fmt: str, device: str | Device, engine: str) -> Selection:
+def _choose(fmt: str, device: str | Device, engine: str, path: str | None = None) -> Selection:
     if isinstance(device, Device):
-        return select_engine(fmt, device, engine)
+        return select_engine(fmt, device, engine, path)
     if device != "auto":
         try:
             dev = get_device(device)
         except DeviceNotFound as e:
             raise DeviceError(str(e)) from None
-        return select_engine(fmt, dev, engine)
+        return select_engine(fmt, dev, engine, path)
     # auto: try the accelerators first, then the CPU; keep every reason for --explain
     report = detect()
     reasons: list[str] = [f"device {kind}: none ({why})" for kind, why in report.notes.items()]
     last_error: Exception | None = None
     for dev in sorted(report.devices, key=lambda d: d.kind == "cpu"):
         try:
-            sel = select_engine(fmt, dev, engine)
+            sel = select_engine(fmt, dev, engine, path)
         except Exception as e:  # EngineUnavailable: try the next device
             reasons.append(f"device {dev.spec()}: {e}")
             last_error = e

@@ -13,12 +13,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_bench_decode_prints_json_with_baseline(default_model_path):
     out = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tools", "bench_decode.py"), "--model", default_model_path, "--tokens", "16", "--runs", "1"],
+        [sys.executable, os.path.join(ROOT, "tools", "bench_decode.py"), "--model", default_model_path, "--tokens", "16", "--runs", "1", "--rows", "torch_float32"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
-    assert data["hanlin_tok_s"] > 0 and data["raw_llama_cpp_tok_s"] > 0
-    assert abs(data["ratio"] - data["hanlin_tok_s"] / data["raw_llama_cpp_tok_s"]) < 1e-3
-    assert data["same_tokens"] is True  # both sides decoded the same greedy tokens
-    assert data["generated_tokens"] == 16
+    sdk = data["sdk_overhead"]
+    assert sdk["hanlin_tok_s"] > 0 and sdk["raw_llama_cpp_tok_s"] > 0
+    assert abs(sdk["ratio"] - sdk["hanlin_tok_s"] / sdk["raw_llama_cpp_tok_s"]) < 1e-3
+    assert sdk["same_tokens"] is True  # both sides decoded the same greedy tokens
+    assert sdk["generated_tokens"] == 16
+    row = data["rows"]["torch_float32"]
+    assert row["tok_s"] > 0 and row["peak_rss_mb"] > 100 and row["generated_tokens"] == 16

@@ -1,13 +1,21 @@
-"""Decode speed: hanlin's GGUF engine against raw llama-cpp-python, same run, same settings.
+"""Decode speed of every engine on the same model, prompt and settings, in one run.
 
-    python tools/bench_decode.py [--model PATH_OR_NAME] [--tokens 128] [--runs 5] [--threads N]
+    python tools/bench_decode.py [--model NAME_OR_GGUF] [--tokens 128] [--runs 5] [--rows ...]
 
-Both sides load the same .gguf with the same context size and thread count, take the same
-prompt token ids (the chat template rendered by hanlin) and decode greedily, so they produce
-the same tokens. Runs alternate (raw, hanlin, raw, hanlin, ...) so drift in machine load hits
-both; each side's figure is the median over runs of decode tokens/s, counted from the first
-generated token to the last (prefill is reported separately as time to first token).
-The SDK's cost is the ratio hanlin / raw; the target is >= 0.95. Prints one JSON object.
+Two parts, printed as one JSON object:
+
+1. "sdk_overhead": hanlin's GGUF engine against raw llama-cpp-python (`Llama.generate`, the
+   loop hanlin wraps), in one process, runs alternating (raw, hanlin, raw, ...) so machine
+   drift hits both. Figure: median decode tokens/s, from the first generated token to the
+   last (prefill reported apart as time to first token). Target: ratio >= 0.95.
+2. "rows": one child process per row, so each row's peak RSS is its own:
+   llama-cpp-python (the file's own quantization), hanlin torch float32 / bfloat16 (bf16 only
+   where the CPU has it), transformers `generate` float32 on the same GGUF dequantized, and
+   hanlin torch float32 decoding 8 sequences at once (aggregate tokens/s over the whole
+   batch call, prefill included: a conservative figure). Targets: torch float32 >= 2x
+   transformers, batch-8 aggregate >= 4x torch float32 single.
+
+All rows decode greedily with repeat_penalty 1.0, so they produce the same kind of work.
 """
 
 from __future__ import annotations
@@ -16,11 +24,33 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
+import subprocess
 import sys
 import time
 
 PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle. Describe the sea, the town and the people."
+BATCH_PROMPTS = [
+    PROMPT,
+    "Explain how a steam engine works, step by step, in detail.",
+    "Describe a walk through a busy market in a large city.",
+    "Write a letter to a friend about a summer spent by a lake.",
+    "Tell the history of the printing press and its effects.",
+    "Describe the life cycle of a star, from cloud to remnant.",
+    "Write a travel guide for a small mountain village.",
+    "Explain what makes bread rise, and how bakers control it.",
+]
+ROWS = ["llama_cpp", "torch_float32", "torch_bfloat16", "transformers_float32", "torch_float32_batch8"]
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+# --------------------------------------------------------------------------------------
+# part 1: SDK overhead, in process
+# --------------------------------------------------------------------------------------
 
 
 def raw_run(llm, ids: list[int], n: int) -> tuple[float, float, list[int]]:
@@ -55,6 +85,119 @@ def hanlin_run(llm, ids: list[int], n: int) -> tuple[float, float, list[int]]:
     return t_first - t0, (len(out) - 1) / (t_end - t_first), out
 
 
+def sdk_overhead(model: str, tokens: int, runs: int, threads: int | None, ctx: int) -> dict:
+    import llama_cpp
+
+    import hanlin
+
+    llm = hanlin.load(model, device="cpu", engine="gguf", ctx_size=ctx, threads=threads, pull_missing=True)
+    threads = llm.engine.threads
+    raw = llama_cpp.Llama(model_path=llm.model.path, n_ctx=ctx, n_threads=threads, n_threads_batch=threads, n_gpu_layers=0, verbose=False)
+    ids = llm.chat_ids([{"role": "user", "content": PROMPT}])
+    raw_run(raw, ids, 8)  # warm-up: page in the weights, allocate buffers
+    hanlin_run(llm, ids, 8)
+    raw_rates, hl_rates, raw_ttft, hl_ttft = [], [], [], []
+    same, n_tokens = True, None
+    for _ in range(runs):
+        t, r, raw_ids = raw_run(raw, ids, tokens)
+        raw_ttft.append(t)
+        raw_rates.append(r)
+        t, r, hl_ids = hanlin_run(llm, ids, tokens)
+        hl_ttft.append(t)
+        hl_rates.append(r)
+        same = same and raw_ids == hl_ids
+        n_tokens = len(hl_ids)
+    raw_med, hl_med = statistics.median(raw_rates), statistics.median(hl_rates)
+    out = {
+        "model_path": llm.model.path, "threads": threads, "prompt_tokens": len(ids), "generated_tokens": n_tokens,
+        "runs": runs, "hanlin_tok_s": round(hl_med, 2), "raw_llama_cpp_tok_s": round(raw_med, 2),
+        "ratio": round(hl_med / raw_med, 4), "target_ratio": 0.95, "meets_target": hl_med / raw_med >= 0.95,
+        "same_tokens": same, "hanlin_ttft_s": round(statistics.median(hl_ttft), 4),
+        "raw_ttft_s": round(statistics.median(raw_ttft), 4),
+        "hanlin_tok_s_all": [round(x, 2) for x in hl_rates], "raw_tok_s_all": [round(x, 2) for x in raw_rates],
+        "llama_cpp_python": llama_cpp.__version__,
+    }  # fmt: skip
+    raw.close()
+    llm.close()
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# part 2: one row per child process
+# --------------------------------------------------------------------------------------
+
+
+def run_row(row: str, model: str, tokens: int, runs: int, ctx: int) -> dict:
+    import hanlin
+
+    if row == "transformers_float32":
+        return transformers_row(model, tokens, runs)
+    engine = "gguf" if row == "llama_cpp" else "torch"
+    opts = {} if engine == "gguf" else {"dtype": "bfloat16" if "bfloat16" in row else "float32"}
+    t0 = time.perf_counter()
+    llm = hanlin.load(model, device="cpu", engine=engine, ctx_size=ctx, pull_missing=True, **opts)
+    load_s = time.perf_counter() - t0
+    if row.endswith("batch8"):
+        return batch_row(llm, tokens, runs, load_s)
+    ids = llm.chat_ids([{"role": "user", "content": PROMPT}])
+    hanlin_run(llm, ids, 8)
+    rates, n = [], 0
+    for _ in range(runs):
+        _, r, out = hanlin_run(llm, ids, tokens)
+        rates.append(r)
+        n = len(out)
+    return {"tok_s": round(statistics.median(rates), 2), "generated_tokens": n, "load_s": round(load_s, 2)}
+
+
+def batch_row(llm, tokens: int, runs: int, load_s: float) -> dict:
+    from hanlin.backends.base import GenerationConfig
+    from hanlin.backends.torch.generate import generate_batch
+
+    prompts = [llm.chat_ids([{"role": "user", "content": p}]) for p in BATCH_PROMPTS]
+    cfg = GenerationConfig(temperature=0, repeat_penalty=1.0, max_tokens=tokens)
+    generate_batch(llm.engine.model, prompts, cfg, 8)
+    rates, n = [], 0
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        outs = generate_batch(llm.engine.model, prompts, cfg, tokens)  # EOS ignored: a fixed amount of work
+        n = sum(len(o) for o in outs)
+        rates.append(n / (time.perf_counter() - t0))
+    return {"tok_s": round(statistics.median(rates), 2), "generated_tokens": n, "sequences": len(prompts), "load_s": round(load_s, 2),
+            "note": "aggregate over 8 sequences, prefill included"}  # fmt: skip
+
+
+def transformers_row(model: str, tokens: int, runs: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import hanlin
+
+    path = hanlin.resolve(model).path
+    folder, name = os.path.split(path)
+    t0 = time.perf_counter()
+    hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    load_s = time.perf_counter() - t0
+    llm = hanlin.load(path, device="cpu", engine="gguf")
+    ids = torch.tensor([llm.chat_ids([{"role": "user", "content": PROMPT}])])
+    llm.close()
+    kw = dict(do_sample=False, repetition_penalty=1.0, pad_token_id=0)
+
+    def timed(n: int) -> float:
+        t = time.perf_counter()
+        with torch.inference_mode():
+            hf.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+        return time.perf_counter() - t
+
+    timed(8)
+    rates = []
+    for _ in range(runs):
+        first = timed(1)  # prefill + one token
+        total = timed(tokens)
+        rates.append((tokens - 1) / (total - first))
+    return {"tok_s": round(statistics.median(rates), 2), "generated_tokens": tokens, "load_s": round(load_s, 2),
+            "note": "decode rate = (n-1) / (time(n tokens) - time(1 token))"}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
@@ -62,62 +205,54 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--ctx-size", type=int, default=2048)
+    ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}, or 'none'")
+    ap.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row in this process
     args = ap.parse_args(argv)
 
-    import llama_cpp
+    if args.row:
+        out = run_row(args.row, args.model, args.tokens, args.runs, args.ctx_size)
+        out["peak_rss_mb"] = round(peak_rss_mb(), 1)
+        print(json.dumps(out))
+        return 0
 
-    import hanlin
-
-    llm = hanlin.load(args.model, device="cpu", engine="gguf", ctx_size=args.ctx_size, threads=args.threads, pull_missing=True)
-    threads = llm.engine.threads
-    raw = llama_cpp.Llama(model_path=llm.model.path, n_ctx=args.ctx_size, n_threads=threads, n_threads_batch=threads, n_gpu_layers=0, verbose=False)
-    ids = llm.chat_ids([{"role": "user", "content": PROMPT}])
-
-    # warm-up both (page in the weights, allocate buffers)
-    raw_run(raw, ids, 8)
-    hanlin_run(llm, ids, 8)
-
-    raw_rates, hl_rates, raw_ttft, hl_ttft = [], [], [], []
-    same = True
-    n_tokens = None
-    for _ in range(args.runs):
-        t, r, raw_ids = raw_run(raw, ids, args.tokens)
-        raw_ttft.append(t)
-        raw_rates.append(r)
-        t, r, hl_ids = hanlin_run(llm, ids, args.tokens)
-        hl_ttft.append(t)
-        hl_rates.append(r)
-        same = same and raw_ids == hl_ids
-        n_tokens = len(hl_ids)
-
-    raw_med = statistics.median(raw_rates)
-    hl_med = statistics.median(hl_rates)
     result = {
         "benchmark": "decode_tokens_per_second",
-        "model": llm.name,
-        "model_path": llm.model.path,
-        "engine": "gguf",
-        "threads": threads,
-        "prompt_tokens": len(ids),
-        "generated_tokens": n_tokens,
-        "runs": args.runs,
-        "hanlin_tok_s": round(hl_med, 2),
-        "raw_llama_cpp_tok_s": round(raw_med, 2),
-        "ratio": round(hl_med / raw_med, 4),
-        "target_ratio": 0.95,
-        "meets_target": hl_med / raw_med >= 0.95,
-        "same_tokens": same,
-        "hanlin_ttft_s": round(statistics.median(hl_ttft), 4),
-        "raw_ttft_s": round(statistics.median(raw_ttft), 4),
-        "hanlin_tok_s_all": [round(x, 2) for x in hl_rates],
-        "raw_tok_s_all": [round(x, 2) for x in raw_rates],
-        "llama_cpp_python": llama_cpp.__version__,
+        "model": args.model,
         "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
+        "greedy_tokens": args.tokens,
+        "sdk_overhead": sdk_overhead(args.model, args.tokens, args.runs, args.threads, args.ctx_size),
+        "rows": {},
     }
+    rows = [] if args.rows == "none" else [r.strip() for r in args.rows.split(",") if r.strip()]
+    for row in rows:
+        if row not in ROWS:
+            ap.error(f"unknown row {row!r}; rows: {', '.join(ROWS)}")
+        if row == "torch_bfloat16":
+            from hanlin.devices import get_device
+
+            if "bfloat16" not in get_device("cpu").dtypes:
+                result["rows"][row] = {"skipped": "this CPU has no bfloat16 support"}
+                continue
+        cmd = [sys.executable, os.path.abspath(__file__), "--row", row, "--model", args.model, "--tokens", str(args.tokens),
+               "--runs", str(args.runs), "--ctx-size", str(args.ctx_size)]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            result["rows"][row] = {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
+            continue
+        result["rows"][row] = json.loads(proc.stdout.strip().splitlines()[-1])
+    r = result["rows"]
+
+    def rate(name: str) -> float | None:
+        return r.get(name, {}).get("tok_s")
+
+    if rate("torch_float32") and rate("transformers_float32"):
+        x = rate("torch_float32") / rate("transformers_float32")
+        result["torch_float32_vs_transformers"] = {"ratio": round(x, 3), "target": 2.0, "meets_target": x >= 2.0}
+    if rate("torch_float32") and rate("torch_float32_batch8"):
+        x = rate("torch_float32_batch8") / rate("torch_float32")
+        result["batch8_vs_single"] = {"ratio": round(x, 3), "target": 4.0, "meets_target": x >= 4.0}
     print(json.dumps(result, indent=2))
-    raw.close()
-    llm.close()
     return 0
 
 

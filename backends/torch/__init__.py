@@ -3,3 +3,4 @@ and generation with a static KV cache (generate.py). Importing this package regi
 engine; torch itself is imported when a model is loaded."""
 
 from hanlin.backends.torch.engine import TorchEngine  # noqa: F401
+from hanlin.backends.torch.hf import HFEngine  # noqa: F401

@@ -60,6 +60,15 @@ class TorchEngine:
         return None
 
     @classmethod
+    def supports(cls, path: str) -> str | None:
+        """None when this engine can build the model at path, else why not."""
+        if os.path.isdir(path):
+            from hanlin.backends.torch.archs import why_not_native
+
+            return why_not_native(path)
+        return None
+
+    @classmethod
     def load(cls, path: str, device: Device, *, ctx_size: int | None = None, dtype: str = "auto", **_: Any) -> "TorchEngine":
         import torch
 

@@ -24,14 +24,9 @@ from typing import Any, Iterable
 import torch
 
 from hanlin.backends.base import ModelError
+from hanlin.backends.torch.archs import SUPPORTED_ARCHS, native_arch
 from hanlin.backends.torch.model import ModelConfig, Transformer, rope_inv_freq
 
-SUPPORTED_ARCHS = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "llama",
-    "Qwen2ForCausalLM": "qwen2",
-    "InternLM2ForCausalLM": "internlm2",
-}
 
 
 # --------------------------------------------------------------------------------------
@@ -41,9 +36,7 @@ SUPPORTED_ARCHS = {
 
 def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
     archs = cfg.get("architectures") or []
-    arch = next((SUPPORTED_ARCHS[a] for a in archs if a in SUPPORTED_ARCHS), None)
-    if arch is None:
-        arch = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "internlm2": "internlm2"}.get(cfg.get("model_type", ""))
+    arch = native_arch(cfg)
     if arch is None:
         raise UnsupportedArchitecture(archs or [cfg.get("model_type")])
     n_heads = cfg["num_attention_heads"]

@@ -1,0 +1,150 @@
+"""HFEngine: transformers as the fallback for architectures the native model does not build.
+
+Same Engine protocol as the others: token events with logprobs, the shared sampler from
+generate.py and the shared stop handling, and the score API. It streams by running the
+model one step at a time with transformers' own KV cache (past_key_values). Remote code
+is never trusted: an architecture transformers does not know is refused with its name.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Any, ClassVar, Iterator, Sequence
+
+from hanlin.backends.base import (
+    Capabilities,
+    ConfigError,
+    ContextOverflowError,
+    GenerationConfig,
+    ModelError,
+    RawToken,
+    TokenEvent,
+    TokenScores,
+    apply_stops,
+    check_prompt_fits,
+    register,
+)
+from hanlin.devices import Device
+
+
+@register
+class HFEngine:
+    name: ClassVar[str] = "hf"
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        formats=frozenset({"hf"}),
+        device_kinds=frozenset({"cpu", "cuda", "npu", "mps"}),
+        trainable=True,
+        priority=10,  # the fallback: the native engine goes first where it can
+    )
+
+    @classmethod
+    def available(cls, device: Device) -> str | None:
+        for mod, extra in (("torch", "torch"), ("transformers", "dev")):
+            try:
+                if importlib.util.find_spec(mod) is None:
+                    return f"{mod} not installed (pip install -c constraints.txt 'hanlin[{extra}]')"
+            except (ImportError, ValueError):
+                return f"{mod} not importable"
+        return None
+
+    @classmethod
+    def load(cls, path: str, device: Device, *, ctx_size: int | None = None, dtype: str = "auto", **_: Any) -> "HFEngine":
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        from hanlin.backends.hf_meta import load_folder_template
+        from hanlin.backends.torch.engine import _pick_dtype
+
+        try:
+            cfg = AutoConfig.from_pretrained(path, trust_remote_code=False)
+        except ValueError as e:
+            raise ModelError(f"{path}: transformers does not know this architecture without remote code: {e}") from None
+        tdtype = _pick_dtype(dtype, device)
+        model = AutoModelForCausalLM.from_pretrained(path, config=cfg, dtype=tdtype, trust_remote_code=False)
+        model.to(device.spec() if device.kind != "cpu" else "cpu").eval()
+        tok = AutoTokenizer.from_pretrained(path)
+        trained = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 2048
+        if ctx_size is None:
+            ctx_size = min(trained, 4096)
+        elif ctx_size < 16 or ctx_size > trained:
+            raise ConfigError(f"ctx_size={ctx_size} is invalid: it must be between 16 and the model's {trained} tokens")
+        template, bos, eos = load_folder_template(path)
+        meta = {"chat_template": template or getattr(tok, "chat_template", None), "bos_token": bos or tok.bos_token,
+                "eos_token": eos or tok.eos_token, "name": os.path.basename(path.rstrip("/")),
+                "architecture": (cfg.architectures or [cfg.model_type])[0], "context_length": trained}  # fmt: skip
+        return cls(model, tok, meta, path, device, ctx_size)
+
+    def __init__(self, model: Any, tok: Any, meta: dict[str, Any], path: str, device: Device, ctx_size: int):
+        self.model, self.tok, self._meta = model, tok, meta
+        self.model_path, self.device, self.context_length = path, device, ctx_size
+        eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+        eos = eos if isinstance(eos, list) else [eos]
+        self.eos_token_ids = frozenset(int(e) for e in eos + [tok.eos_token_id] if e is not None)
+        self.bos_token_id = tok.bos_token_id
+        self.add_bos = bool(getattr(tok, "add_bos_token", False))
+        self._bytes: dict[int, bytes] = {}
+        self._exact = None
+        if os.path.isfile(os.path.join(path, "tokenizer.json")):
+            from hanlin.backends.torch.engine import HFTokenizer
+
+            self._exact = HFTokenizer(path)  # exact bytes per token (byte-level BPE pieces)
+
+    def metadata(self) -> dict[str, Any]:
+        return dict(self._meta)
+
+    def tokenize(self, text: str, *, add_bos: bool = False, special: bool = True) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=add_bos)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=True)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        if self._exact is not None:
+            return self._exact.token_bytes(token_id)
+        b = self._bytes.get(token_id)
+        if b is None:
+            special = token_id in self.tok.all_special_ids
+            b = b"" if special else self.tok.decode([token_id], clean_up_tokenization_spaces=False).encode("utf-8")
+            self._bytes[token_id] = b
+        return b
+
+    def generate(self, prompt_ids: Sequence[int], config: GenerationConfig) -> Iterator[TokenEvent]:
+        prompt_ids = list(prompt_ids)
+        if not prompt_ids:
+            raise ConfigError("the prompt is empty: give at least one token")
+        check_prompt_fits(len(prompt_ids), self.context_length, config)
+        room = self.context_length - len(prompt_ids)
+        return apply_stops(self._raw(prompt_ids, config, room), token_bytes=self.token_bytes, eos_ids=self.eos_token_ids, config=config, room=room)
+
+    def _raw(self, prompt_ids: list[int], config: GenerationConfig, room: int) -> Iterator[RawToken]:
+        import torch
+
+        from hanlin.backends.torch.generate import PENALTY_LAST_N, apply_repeat_penalty, make_generator, sample
+
+        device = self.model.device
+        gen = make_generator(config.seed, device)
+        limit = room if config.max_tokens is None else min(room, config.max_tokens)
+        history = torch.tensor([prompt_ids[-PENALTY_LAST_N:]], device=device)
+        with torch.inference_mode():
+            out = self.model(torch.tensor([prompt_ids], device=device), use_cache=True)
+            for _ in range(limit):
+                logits = out.logits[:, -1].float()
+                ids, lps = sample(apply_repeat_penalty(logits, history, config.repeat_penalty), config, gen)
+                yield RawToken(int(ids[0]), float(lps[0]))
+                history = torch.cat([history, ids[:, None]], dim=1)[:, -PENALTY_LAST_N:]
+                out = self.model(ids[:, None], past_key_values=out.past_key_values, use_cache=True)
+
+    def score_tokens(self, ids: Sequence[int]) -> TokenScores:
+        import torch
+
+        ids = list(ids)
+        if len(ids) > self.context_length:
+            raise ContextOverflowError(f"scoring {len(ids)} tokens needs a context of at least that; this engine has {self.context_length}")
+        with torch.inference_mode():
+            logits = self.model(torch.tensor([ids], device=self.model.device)).logits[0, :-1].double()
+            lps = torch.log_softmax(logits, dim=-1)
+            target = torch.tensor(ids[1:], device=logits.device)
+            return TokenScores(lps.gather(1, target[:, None])[:, 0].tolist(), logits.argmax(-1).tolist())
+
+    def close(self) -> None:
+        self.model = None
