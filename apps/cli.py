@@ -100,6 +100,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", "-d", default="auto", help="auto, cpu, cuda, cuda:N, npu:N, mps")
     p.add_argument("--engine", "-e", default="auto", help="auto or an engine name (gguf, torch)")
     p.add_argument("--dtype", default="auto", help="torch engine: auto, float32, bfloat16, float16")
+    p.add_argument("--compile", action="store_true", help="torch engine: torch.compile the decode step (eager if it fails)")
     p.add_argument("--ctx-size", type=int, default=None, help="context window in tokens (default: the model's, at most 4096)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
 
@@ -241,6 +242,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     llm = hanlin.load(
         args.model or hanlin.DEFAULT_MODEL, device=args.device, engine=args.engine, config=config,
         pull_missing=not args.no_pull, ctx_size=args.ctx_size, threads=args.threads, dtype=args.dtype,
+        compile=args.compile,
     )  # fmt: skip
     if args.explain:
         print(llm.explain(), file=sys.stderr)

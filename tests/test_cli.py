@@ -25,15 +25,18 @@ def assert_clean_error(proc, *needles):
 def test_help_is_complete():
     top = run_cli("--help")
     assert top.returncode == 0
-    for cmd in ("chat", "devices", "models", "pull"):
+    for cmd in ("chat", "devices", "models", "pull", "perplexity"):
         assert cmd in top.stdout
     chat = run_cli("chat", "--help").stdout
     for flag in ("--model", "--device", "--engine", "--prompt", "--system", "--json", "--explain", "--ctx-size", "--threads",
-                 "--max-tokens", "--temperature", "--top-p", "--top-k", "--min-p", "--repeat-penalty", "--seed", "--stop", "--no-pull"):
+                 "--max-tokens", "--temperature", "--top-p", "--top-k", "--min-p", "--repeat-penalty", "--seed", "--stop", "--no-pull",
+                 "--dtype", "--compile"):
         assert flag in chat, flag
     assert "--json" in run_cli("devices", "--help").stdout
     assert "--force" in run_cli("pull", "--help").stdout
     assert "--json" in run_cli("models", "--help").stdout
+    px = run_cli("perplexity", "--help").stdout
+    assert "--ctx" in px and "--engine" in px and "FILE" in px.upper()
 
 
 def test_one_shot_prompt_matches_the_sdk(llm, default_model_path):
@@ -202,3 +205,32 @@ def test_without_llama_cpp_the_answer_is_a_reason(default_model_path):
     assert "llama-cpp-python" in proc.stderr and "pip install 'hanlin[gguf]'" in proc.stderr
     dev = subprocess.run([*base, "devices"], capture_output=True, text=True, timeout=60)
     assert dev.returncode == 0 and "engine gguf: llama-cpp-python not installed" in dev.stdout
+
+
+WIKI = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "datasets", "wikitext2", "test.txt")
+
+
+@pytest.mark.parametrize("engine", ["gguf", "torch"])
+def test_perplexity_command(default_model_path, engine):
+    proc = run_cli("perplexity", "-m", default_model_path, "-e", engine, "--ctx", "256", "--max-tokens", "512", "--json", WIKI)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["engine"] == engine and data["chunks"] == 2 and data["tokens_scored"] == 256
+    assert 5 < data["perplexity"] < 60  # a 135M model on Wikipedia text
+
+
+def test_perplexity_bad_input(tmp_path):
+    assert_clean_error(run_cli("perplexity", str(tmp_path / "none.txt")), "none.txt does not exist")
+    binary = tmp_path / "bin.txt"
+    binary.write_bytes(b"\xff\xfe\x00bad")
+    assert_clean_error(run_cli("perplexity", str(binary)), "is not UTF-8 text")
+    short = tmp_path / "short.txt"
+    short.write_text("just a few words")
+    assert_clean_error(run_cli("perplexity", "--ctx", "64", str(short)), "shorter than one chunk of 64")
+
+
+def test_chat_with_the_torch_engine(default_model_path):
+    proc = run_cli("chat", "-m", default_model_path, "-e", "torch", "-p", "What is the capital of France?", "--json", *GREEDY)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["engine"] == "torch" and "Paris" in data["text"]

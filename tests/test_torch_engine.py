@@ -273,3 +273,25 @@ def test_loglikelihood_agrees_between_engines(native, gguf_llm):
     a, _ = loglikelihood(native.engine, ctx, good)
     b, _ = loglikelihood(gguf_llm.engine, ctx, good)
     assert abs(a - b) < 0.5  # float weights vs llama.cpp's Q4_1 arithmetic
+
+
+def test_compile_falls_back_to_eager_cleanly(tmp_path, monkeypatch):
+    """Where torch.compile cannot build the decode step, generation goes on eagerly, the same."""
+    from hanlin.backends.torch.generate import CompiledDecode
+
+    _, folder = tiny_hf("llama", tmp_path)
+    model = load_hf_folder(folder)
+    cfg = GenerationConfig(temperature=0, repeat_penalty=1.0, max_tokens=10)
+    eager = [s.token_id for s in generate_one(model, KVCache(model, 1, 64, torch.float32, torch.device("cpu")), [3, 1, 4], cfg, 10)]
+
+    def broken_compile(fn, **kw):
+        def fail(*a, **k):
+            raise RuntimeError("no C++ compiler here")
+        return fail
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    cache = KVCache(model, 1, 64, torch.float32, torch.device("cpu"))
+    step = CompiledDecode(model, cache)
+    got = [s.token_id for s in generate_one(model, cache, [3, 1, 4], cfg, 10, step)]
+    assert got == eager
+    assert step.error == "RuntimeError: no C++ compiler here"

@@ -69,7 +69,7 @@ class TorchEngine:
         return None
 
     @classmethod
-    def load(cls, path: str, device: Device, *, ctx_size: int | None = None, dtype: str = "auto", **_: Any) -> "TorchEngine":
+    def load(cls, path: str, device: Device, *, ctx_size: int | None = None, dtype: str = "auto", compile: bool = False, **_: Any) -> "TorchEngine":
         import torch
 
         from hanlin.backends.torch import weights
@@ -96,10 +96,10 @@ class TorchEngine:
             ctx_size = min(trained, DEFAULT_MAX_CTX)
         elif ctx_size < 16 or ctx_size > trained:
             raise ConfigError(f"ctx_size={ctx_size} is invalid: it must be between 16 and the model's {trained} tokens")
-        return cls(model, tok, meta, path, device, ctx_size)
+        return cls(model, tok, meta, path, device, ctx_size, compile=compile)
 
-    def __init__(self, model: Any, tokenizer: Any, meta: dict[str, Any], path: str, device: Device, ctx_size: int):
-        from hanlin.backends.torch.generate import KVCache
+    def __init__(self, model: Any, tokenizer: Any, meta: dict[str, Any], path: str, device: Device, ctx_size: int, *, compile: bool = False):
+        from hanlin.backends.torch.generate import CompiledDecode, KVCache
 
         self.model = model
         self.tok = tokenizer
@@ -115,6 +115,7 @@ class TorchEngine:
         param = next(model.parameters())
         self.dtype = param.dtype
         self._cache = KVCache(model, 1, ctx_size, param.dtype, param.device)
+        self._step = CompiledDecode(model, self._cache) if compile else None
 
     def metadata(self) -> dict[str, Any]:
         return dict(self._meta, architecture=self.model.config.arch, context_length=self.model.config.max_seq_len)
@@ -137,7 +138,7 @@ class TorchEngine:
         check_prompt_fits(len(prompt_ids), self.context_length, config)
         room = self.context_length - len(prompt_ids)
         max_new = room if config.max_tokens is None else min(room, config.max_tokens)
-        raw = (RawToken(s.token_id, s.logprob) for s in generate_one(self.model, self._cache, prompt_ids, config, max_new))
+        raw = (RawToken(s.token_id, s.logprob) for s in generate_one(self.model, self._cache, prompt_ids, config, max_new, self._step))
         return apply_stops(raw, token_bytes=self.token_bytes, eos_ids=self.eos_token_ids, config=config, room=room)
 
     def generate_batch(self, prompts: Sequence[Sequence[int]], config: GenerationConfig) -> list[list[int]]:
