@@ -295,3 +295,59 @@ def test_compile_falls_back_to_eager_cleanly(tmp_path, monkeypatch):
     got = [s.token_id for s in generate_one(model, cache, [3, 1, 4], cfg, 10, step)]
     assert got == eager
     assert step.error == "RuntimeError: no C++ compiler here"
+
+
+def test_sharded_safetensors_with_an_index(tmp_path):
+    torch.manual_seed(1)
+    ref = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY)).eval()
+    folder = tmp_path / "sharded"
+    ref.save_pretrained(folder, max_shard_size="100KB")
+    assert (folder / "model.safetensors.index.json").is_file() and len(list(folder.glob("model-*.safetensors"))) > 1
+    ours = load_hf_folder(str(folder))
+    x = torch.randint(0, TINY["vocab_size"], (1, 12))
+    with torch.no_grad():
+        assert (ours(x) - ref(x).logits).abs().max().item() < 1e-4
+    next(folder.glob("model-*.safetensors")).unlink()
+    with pytest.raises(ModelError, match="shard model-.*safetensors named in model.safetensors.index.json is missing"):
+        load_hf_folder(str(folder))
+
+
+def test_qwen2_gguf_loads_like_its_hf_weights(tmp_path):
+    """A qwen2 GGUF (float32, written here with the gguf package) gives the HF model's logits:
+    qwen2 keeps its q/k rows unpermuted and its q/k/v biases."""
+    gguf = pytest.importorskip("gguf")
+    from hanlin.backends.torch.weights import load_gguf
+
+    ref, _ = tiny_hf("qwen2", tmp_path, tie_word_embeddings=False)
+    c = ref.config
+    w = gguf.GGUFWriter(str(tmp_path / "tiny-qwen2.gguf"), "qwen2")
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"] if getattr(c, "rope_parameters", None) else c.rope_theta)
+    w.add_vocab_size(c.vocab_size)
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
+    parts = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+             "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}  # fmt: skip
+    for name, t in ref.state_dict().items():
+        if name in names:
+            gname = names[name]
+        else:
+            layer, rest = name[len("model.layers."):].split(".", 1)
+            part, kind = rest.rsplit(".", 1)
+            gname = f"blk.{layer}.{parts[part]}.{kind}"
+        w.add_tensor(gname, t.detach().float().numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    ours = load_gguf(str(tmp_path / "tiny-qwen2.gguf"))
+    assert ours.config.arch == "qwen2" and ours.config.qkv_bias
+    x = torch.randint(0, TINY["vocab_size"], (1, 24))
+    with torch.no_grad():
+        assert (ours(x) - ref(x).logits).abs().max().item() < 1e-4
