@@ -46,6 +46,9 @@ __all__ = [
     "select_engine",
     "Selection",
     "apply_stops",
+    "stream_tokens",
+    "check_scorable",
+    "detokenize_bytes",
     "check_prompt_fits",
     "detect_format",
     "TokenScores",
@@ -401,6 +404,29 @@ def check_prompt_fits(n_prompt: int, context_length: int, config: GenerationConf
             f"shorten the prompt by at least {n_prompt - context_length + 1} tokens"
             " or load the model with a larger context (--ctx-size)"
         )
+
+
+def stream_tokens(engine: Any, prompt_ids: Sequence[int], config: GenerationConfig, sample_raw) -> Iterator[TokenEvent]:
+    """The shared front of every engine's generate: refuse an empty or too-long prompt, work
+    out how many tokens fit, sample with `sample_raw(prompt_ids, max_new)` (an iterator of
+    RawToken) and apply the shared stop policy."""
+    prompt_ids = list(prompt_ids)
+    if not prompt_ids:
+        raise ConfigError("the prompt is empty: give at least one token")
+    check_prompt_fits(len(prompt_ids), engine.context_length, config)
+    room = engine.context_length - len(prompt_ids)
+    max_new = room if config.max_tokens is None else min(room, config.max_tokens)
+    return apply_stops(sample_raw(prompt_ids, max_new), token_bytes=engine.token_bytes, eos_ids=engine.eos_token_ids, config=config, room=room)
+
+
+def check_scorable(n_tokens: int, context_length: int) -> None:
+    if n_tokens > context_length:
+        raise ContextOverflowError(f"scoring {n_tokens} tokens needs a context of at least that; this engine has {context_length}")
+
+
+def detokenize_bytes(engine: Any, ids: Iterable[int]) -> str:
+    """Text of token ids from the engine's exact per-token bytes (special tokens add none)."""
+    return b"".join(engine.token_bytes(i) for i in ids).decode("utf-8", "replace")
 
 
 def apply_stops(

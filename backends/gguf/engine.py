@@ -26,14 +26,14 @@ from typing import Any, ClassVar, Iterator, Sequence
 from hanlin.backends.base import (
     Capabilities,
     ConfigError,
-    ContextOverflowError,
     GenerationConfig,
     RawToken,
     TokenEvent,
     TokenScores,
-    apply_stops,
-    check_prompt_fits,
+    check_scorable,
+    detokenize_bytes,
     register,
+    stream_tokens,
 )
 from hanlin.backends.gguf.gguf_file import validate_gguf
 from hanlin.devices import Device
@@ -159,7 +159,7 @@ class GGUFEngine:
         return self._llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
 
     def detokenize(self, ids: Sequence[int]) -> str:
-        return b"".join(self.token_bytes(i) for i in ids).decode("utf-8", "replace")
+        return detokenize_bytes(self, ids)
 
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes a token adds to the text (special tokens add none), cached."""
@@ -172,18 +172,7 @@ class GGUFEngine:
     # ---- generation ---------------------------------------------------------------------
 
     def generate(self, prompt_ids: Sequence[int], config: GenerationConfig) -> Iterator[TokenEvent]:
-        prompt_ids = list(prompt_ids)
-        if not prompt_ids:
-            raise ConfigError("the prompt is empty: give at least one token")
-        check_prompt_fits(len(prompt_ids), self.context_length, config)
-        room = self.context_length - len(prompt_ids)
-        return apply_stops(
-            self._raw_tokens(prompt_ids, config),
-            token_bytes=self.token_bytes,
-            eos_ids=self.eos_token_ids,
-            config=config,
-            room=room,
-        )
+        return stream_tokens(self, prompt_ids, config, lambda ids, max_new: self._raw_tokens(ids, config))
 
     def _raw_tokens(self, prompt_ids: list[int], config: GenerationConfig) -> Iterator[RawToken]:
         llm = self._llm
@@ -224,8 +213,7 @@ class GGUFEngine:
         from llama_cpp._internals import LlamaBatch
 
         ids = list(ids)
-        if len(ids) > self.context_length:
-            raise ContextOverflowError(f"scoring {len(ids)} tokens needs a context of at least that; this engine has {self.context_length}")
+        check_scorable(len(ids), self.context_length)
         llm = self._llm
         llm._ctx.kv_cache_clear()
         llm.reset()

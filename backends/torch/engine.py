@@ -17,15 +17,16 @@ from typing import Any, ClassVar, Iterator, Sequence
 from hanlin.backends.base import (
     Capabilities,
     ConfigError,
-    ContextOverflowError,
     GenerationConfig,
     ModelError,
     RawToken,
     TokenEvent,
     TokenScores,
-    apply_stops,
     check_prompt_fits,
+    check_scorable,
+    detokenize_bytes,
     register,
+    stream_tokens,
 )
 from hanlin.devices import Device
 
@@ -124,7 +125,7 @@ class TorchEngine:
         return self.tok.encode(text, add_bos=add_bos, special=special)
 
     def detokenize(self, ids: Sequence[int]) -> str:
-        return b"".join(self.token_bytes(i) for i in ids).decode("utf-8", "replace")
+        return detokenize_bytes(self, ids)
 
     def token_bytes(self, token_id: int) -> bytes:
         return self.tok.token_bytes(token_id)
@@ -132,14 +133,11 @@ class TorchEngine:
     def generate(self, prompt_ids: Sequence[int], config: GenerationConfig) -> Iterator[TokenEvent]:
         from hanlin.backends.torch.generate import generate_one
 
-        prompt_ids = list(prompt_ids)
-        if not prompt_ids:
-            raise ConfigError("the prompt is empty: give at least one token")
-        check_prompt_fits(len(prompt_ids), self.context_length, config)
-        room = self.context_length - len(prompt_ids)
-        max_new = room if config.max_tokens is None else min(room, config.max_tokens)
-        raw = (RawToken(s.token_id, s.logprob) for s in generate_one(self.model, self._cache, prompt_ids, config, max_new, self._step))
-        return apply_stops(raw, token_bytes=self.token_bytes, eos_ids=self.eos_token_ids, config=config, room=room)
+        def sample_raw(ids: list[int], max_new: int) -> Iterator[RawToken]:
+            for s in generate_one(self.model, self._cache, ids, config, max_new, self._step):
+                yield RawToken(s.token_id, s.logprob)
+
+        return stream_tokens(self, prompt_ids, config, sample_raw)
 
     def generate_batch(self, prompts: Sequence[Sequence[int]], config: GenerationConfig) -> list[list[int]]:
         """Several prompts decoded together (token ids out, each ending at EOS or max_tokens)."""
@@ -154,8 +152,7 @@ class TorchEngine:
         import torch
 
         ids = list(ids)
-        if len(ids) > self.context_length:
-            raise ContextOverflowError(f"scoring {len(ids)} tokens needs a context of at least that; this engine has {self.context_length}")
+        check_scorable(len(ids), self.context_length)
         device = next(self.model.parameters()).device
         with torch.inference_mode():
             logits = self.model(torch.tensor([ids], device=device))[0, :-1]  # (T-1, V)

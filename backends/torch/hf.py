@@ -15,15 +15,14 @@ from typing import Any, ClassVar, Iterator, Sequence
 from hanlin.backends.base import (
     Capabilities,
     ConfigError,
-    ContextOverflowError,
     GenerationConfig,
     ModelError,
     RawToken,
     TokenEvent,
     TokenScores,
-    apply_stops,
-    check_prompt_fits,
+    check_scorable,
     register,
+    stream_tokens,
 )
 from hanlin.devices import Device
 
@@ -109,21 +108,15 @@ class HFEngine:
         return b
 
     def generate(self, prompt_ids: Sequence[int], config: GenerationConfig) -> Iterator[TokenEvent]:
-        prompt_ids = list(prompt_ids)
-        if not prompt_ids:
-            raise ConfigError("the prompt is empty: give at least one token")
-        check_prompt_fits(len(prompt_ids), self.context_length, config)
-        room = self.context_length - len(prompt_ids)
-        return apply_stops(self._raw(prompt_ids, config, room), token_bytes=self.token_bytes, eos_ids=self.eos_token_ids, config=config, room=room)
+        return stream_tokens(self, prompt_ids, config, lambda ids, max_new: self._raw(ids, config, max_new))
 
-    def _raw(self, prompt_ids: list[int], config: GenerationConfig, room: int) -> Iterator[RawToken]:
+    def _raw(self, prompt_ids: list[int], config: GenerationConfig, limit: int) -> Iterator[RawToken]:
         import torch
 
         from hanlin.backends.torch.generate import PENALTY_LAST_N, apply_repeat_penalty, make_generator, sample
 
         device = self.model.device
         gen = make_generator(config.seed, device)
-        limit = room if config.max_tokens is None else min(room, config.max_tokens)
         history = torch.tensor([prompt_ids[-PENALTY_LAST_N:]], device=device)
         with torch.inference_mode():
             out = self.model(torch.tensor([prompt_ids], device=device), use_cache=True)
@@ -138,8 +131,7 @@ class HFEngine:
         import torch
 
         ids = list(ids)
-        if len(ids) > self.context_length:
-            raise ContextOverflowError(f"scoring {len(ids)} tokens needs a context of at least that; this engine has {self.context_length}")
+        check_scorable(len(ids), self.context_length)
         with torch.inference_mode():
             logits = self.model(torch.tensor([ids], device=self.model.device)).logits[0, :-1].double()
             lps = torch.log_softmax(logits, dim=-1)
