@@ -75,6 +75,8 @@ class TorchEngine:
 
         from hanlin.backends.torch import weights
 
+        if device.kind == "npu":
+            import torch_npu  # noqa: F401  (registers the "npu" device type with torch)
         torch_device = torch.device(device.spec() if device.kind != "cpu" else "cpu")
         tdtype = _pick_dtype(dtype, device)
         if os.path.isdir(path):
