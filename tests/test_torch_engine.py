@@ -351,3 +351,29 @@ def test_qwen2_gguf_loads_like_its_hf_weights(tmp_path):
     x = torch.randint(0, TINY["vocab_size"], (1, 24))
     with torch.no_grad():
         assert (ours(x) - ref(x).logits).abs().max().item() < 1e-4
+
+
+def test_cpu_blas_decode_linear_matches_torch_and_stays_in_its_lane():
+    from hanlin.backends.torch import cpu_blas
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 96, bias=True)
+    x1 = torch.randn(1, 1, 64)
+    with torch.inference_mode():
+        want = torch.nn.functional.linear(x1, layer.weight, layer.bias)
+        with cpu_blas.decode_threads():
+            assert torch.get_num_threads() == 1
+            got = cpu_blas.blas_linear(x1, layer)
+            assert cpu_blas._in_decode
+        assert not cpu_blas._in_decode
+        assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5)
+        x8 = torch.randn(8, 1, 64)
+        with cpu_blas.decode_threads():
+            assert torch.equal(cpu_blas.blas_linear(x8, layer), torch.nn.functional.linear(x8, layer.weight, layer.bias))  # batches: PyTorch
+            half = layer.to(torch.bfloat16)
+            xb = x1.to(torch.bfloat16)
+            assert torch.equal(cpu_blas.blas_linear(xb, half), torch.nn.functional.linear(xb, half.weight, half.bias))  # other dtypes: PyTorch
+    layer = layer.float()
+    with cpu_blas.decode_threads():
+        out = cpu_blas.blas_linear(x1, layer)  # autograd on: PyTorch, so gradients flow
+    assert out.requires_grad

@@ -151,15 +151,15 @@ def run_row(row: str, model: str, tokens: int, runs: int, ctx: int) -> dict:
 
 def batch_row(llm, tokens: int, runs: int, load_s: float) -> dict:
     from hanlin.backends.base import GenerationConfig
-    from hanlin.backends.torch.generate import generate_batch
 
     prompts = [llm.chat_ids([{"role": "user", "content": p}]) for p in BATCH_PROMPTS]
     cfg = GenerationConfig(temperature=0, repeat_penalty=1.0, max_tokens=tokens)
-    generate_batch(llm.engine.model, prompts, cfg, 8)
+    run = lambda n: llm.engine.generate_batch(prompts, cfg.updated(max_tokens=n), eos=False)  # noqa: E731
+    run(8)
     rates, n = [], 0
     for _ in range(runs):
         t0 = time.perf_counter()
-        outs = generate_batch(llm.engine.model, prompts, cfg, tokens)  # EOS ignored: a fixed amount of work
+        outs = run(tokens)  # EOS ignored: a fixed amount of work
         n = sum(len(o) for o in outs)
         rates.append(n / (time.perf_counter() - t0))
     return {"tok_s": round(statistics.median(rates), 2), "generated_tokens": n, "sequences": len(prompts), "load_s": round(load_s, 2),

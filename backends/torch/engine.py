@@ -119,6 +119,12 @@ class TorchEngine:
         self.dtype = param.dtype
         self._cache = KVCache(model, 1, ctx_size, param.dtype, param.device)
         self._step = CompiledDecode(model, self._cache) if compile else None
+        if self._step is None and param.device.type == "cpu" and str(param.dtype) == "torch.float32":
+            from hanlin.backends.torch import cpu_blas
+            from hanlin.backends.torch.generate import cpu_blas_decode
+
+            if cpu_blas.install():
+                self._step = cpu_blas_decode
 
     def metadata(self) -> dict[str, Any]:
         return dict(self._meta, architecture=self.model.config.arch, context_length=self.model.config.max_seq_len)
@@ -141,14 +147,15 @@ class TorchEngine:
 
         return stream_tokens(self, prompt_ids, config, sample_raw)
 
-    def generate_batch(self, prompts: Sequence[Sequence[int]], config: GenerationConfig) -> list[list[int]]:
-        """Several prompts decoded together (token ids out, each ending at EOS or max_tokens)."""
+    def generate_batch(self, prompts: Sequence[Sequence[int]], config: GenerationConfig, *, eos: bool = True) -> list[list[int]]:
+        """Several prompts decoded together (token ids out, each ending at EOS or max_tokens;
+        eos=False decodes exactly max_tokens each, for throughput measurements)."""
         from hanlin.backends.torch.generate import generate_batch
 
         longest = max(len(p) for p in prompts)
         check_prompt_fits(longest, self.context_length, config)
         max_new = min(config.max_tokens or self.context_length, self.context_length - longest)
-        return generate_batch(self.model, prompts, config, max_new, self.eos_token_ids)
+        return generate_batch(self.model, prompts, config, max_new, self.eos_token_ids if eos else frozenset())
 
     def score_tokens(self, ids: Sequence[int]) -> TokenScores:
         import torch

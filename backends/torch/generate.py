@@ -140,6 +140,14 @@ class CompiledDecode:
         return decode_step(model, cache, tokens, pos)
 
 
+def cpu_blas_decode(model: Transformer, cache: KVCache, tokens: torch.Tensor, pos: int) -> torch.Tensor:
+    """decode_step with PyTorch single-threaded, for the CPU BLAS linear (see cpu_blas.py)."""
+    from hanlin.backends.torch.cpu_blas import decode_threads
+
+    with decode_threads():
+        return decode_step(model, cache, tokens, pos)
+
+
 def generate_one(model: Transformer, cache: KVCache, prompt: Sequence[int], config: GenerationConfig, max_new: int, step=None) -> Iterator[RawStep]:
     """Stream tokens for one prompt, reusing the longest cached prefix of the last call.
     step: the decode function (decode_step, or a CompiledDecode)."""

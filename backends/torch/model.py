@@ -8,7 +8,7 @@ The families differ only in data, not in code paths:
 - internlm2: the same math; its checkpoints pack q/k/v into one `wqkv` and use their own
   names, which weights.py unpacks into this layout.
 
-The norm, rope, attention and MLP go through `OPS`, a small table keyed by op name and
+The linear layers, norm, rope, attention and MLP go through `OPS`, a small table keyed by op name and
 device kind: a device backend (nvidia/ Triton, ascend/ torch_npu fused ops) calls
 `register_op("rms_norm", "cuda", fn)` and the model uses it on that device, unchanged.
 
@@ -90,20 +90,25 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     # q: (B, H, T, D); k, v: (B, K, S, D); mask: (B, 1, T, S) bool (True = may attend), or None:
     # causal when T == S (a prefill), everything visible when T == 1 (a decode step). GQA: each kv head serves H // K query heads.
-    n_rep = q.shape[1] // k.shape[1]
-    if n_rep > 1:
-        k = k.repeat_interleave(n_rep, dim=1)
-        v = v.repeat_interleave(n_rep, dim=1)
+    gqa = q.shape[1] != k.shape[1]  # SDPA maps the H query heads onto the K kv heads itself
     if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1 and q.shape[2] == k.shape[2])
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1 and q.shape[2] == k.shape[2], enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    # x: (..., in) -> (..., out). A device may swap in a faster kernel for some shapes (the CPU
+    # does, for single-token decode: see cpu_blas.py).
+    return F.linear(x, layer.weight, layer.bias)
 
 
 def swiglu(x: torch.Tensor, w_gate: nn.Linear, w_up: nn.Linear, w_down: nn.Linear) -> torch.Tensor:
     # x: (B, T, C) -> (B, T, F) -> (B, T, C)
-    return w_down(F.silu(w_gate(x)) * w_up(x))
+    lin = op("linear", x.device)
+    return lin(F.silu(lin(x, w_gate)) * lin(x, w_up), w_down)
 
 
+register_op("linear", "any", linear)
 register_op("rms_norm", "any", rms_norm)
 register_op("rope", "any", apply_rope)
 register_op("attention", "any", attention)
@@ -175,9 +180,10 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, mask, cache=None, cache_pos=None, kv_len=None):
         # x: (B, T, C)
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        lin = op("linear", x.device)
+        q = lin(x, self.q_proj).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = lin(x, self.k_proj).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        v = lin(x, self.v_proj).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
         rope = op("rope", x.device)
         q, k = rope(q, cos, sin), rope(k, cos, sin)
         if cache is not None:
@@ -188,7 +194,7 @@ class Attention(nn.Module):
             v_cache[:, :, cache_pos] = v
             k, v = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]  # (B, K, S, D)
         out = op("attention", x.device)(q, k, v, mask)  # (B, H, T, D)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        return lin(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim), self.o_proj)
 
 
 class MLP(nn.Module):
@@ -254,4 +260,4 @@ class Transformer(nn.Module):
                 x = layer(x, cos, sin, mask, cache, cache_pos, kv_len)
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.norm(x)).float()  # (B, T or 1, V)
+        return op("linear", x.device)(self.norm(x), self.lm_head).float()  # (B, T or 1, V)
