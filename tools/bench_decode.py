@@ -8,7 +8,8 @@ Two parts, printed as one JSON object:
    loop hanlin wraps), in one process, runs alternating (raw, hanlin, raw, ...) so machine
    drift hits both. Figure: median decode tokens/s, from the first generated token to the
    last (prefill reported apart as time to first token). Target: ratio >= 0.95.
-2. "rows": one child process per row, so each row's peak RSS is its own:
+2. "rows": one child process per row and run, so each row's peak RSS is its own, with the
+   rows taking turns (one run of each per round) so machine drift hits them alike:
    llama-cpp-python (the file's own quantization), hanlin torch float32 / bfloat16 (bf16 only
    where the CPU has it), transformers `generate` float32 on the same GGUF dequantized, and
    hanlin torch float32 decoding 8 sequences at once (aggregate tokens/s over the whole
@@ -228,19 +229,33 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         if row not in ROWS:
             ap.error(f"unknown row {row!r}; rows: {', '.join(ROWS)}")
-        if row == "torch_bfloat16":
-            from hanlin.devices import get_device
+    if "torch_bfloat16" in rows:
+        from hanlin.devices import get_device
 
-            if "bfloat16" not in get_device("cpu").dtypes:
-                result["rows"][row] = {"skipped": "this CPU has no bfloat16 support"}
-                continue
-        cmd = [sys.executable, os.path.abspath(__file__), "--row", row, "--model", args.model, "--tokens", str(args.tokens),
-               "--runs", str(args.runs), "--ctx-size", str(args.ctx_size)]  # fmt: skip
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            result["rows"][row] = {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
+        if "bfloat16" not in get_device("cpu").dtypes:
+            result["rows"]["torch_bfloat16"] = {"skipped": "this CPU has no bfloat16 support"}
+            rows.remove("torch_bfloat16")
+    # Rows take turns, one run each per round, so drift in machine load hits every row alike.
+    samples: dict[str, list[dict]] = {row: [] for row in rows}
+    for _ in range(args.runs):
+        for row in rows:
+            cmd = [sys.executable, os.path.abspath(__file__), "--row", row, "--model", args.model, "--tokens", str(args.tokens),
+                   "--runs", "1", "--ctx-size", str(args.ctx_size)]  # fmt: skip
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                samples[row].append({"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"})
+            else:
+                samples[row].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    for row, runs in samples.items():
+        ok = [x for x in runs if "tok_s" in x]
+        if not ok:
+            result["rows"][row] = runs[-1]
             continue
-        result["rows"][row] = json.loads(proc.stdout.strip().splitlines()[-1])
+        out = dict(ok[-1])
+        out["tok_s"] = round(statistics.median(x["tok_s"] for x in ok), 2)
+        out["tok_s_all"] = [x["tok_s"] for x in ok]
+        out["peak_rss_mb"] = max(x["peak_rss_mb"] for x in ok)
+        result["rows"][row] = out
     r = result["rows"]
 
     def rate(name: str) -> float | None:
