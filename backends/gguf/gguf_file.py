@@ -6,6 +6,10 @@ lies inside the file, before llama.cpp opens it. The same pass gives the metadat
 needs (architecture, context length, chat template, special token ids) on a phone that has
 neither the `gguf` package nor numpy.
 
+    read_gguf(path)       header, metadata and tensor table; ModelError if they are bad
+    validate_gguf(path)   read_gguf, then the tensor data: laid out as llama.cpp requires
+                          and inside the file (the check a truncated download fails)
+
 The layout (little-endian; https://github.com/ggml-org/ggml/blob/master/docs/gguf.md):
 
     magic "GGUF" | u32 version | u64 n_tensors | u64 n_kv
@@ -15,6 +19,17 @@ The layout (little-endian; https://github.com/ggml-org/ggml/blob/master/docs/ggu
 
 A string is a u64 length and that many UTF-8 bytes; an array is a u32 element type, a u64
 count and the elements.
+
+The checks follow llama.cpp's own loader (ggml/src/gguf.cpp, llama-vocab.cpp), so a file
+that passes here is one llama.cpp opens without tripping an assertion: general.alignment
+must be a u32 power of two (llama.cpp asserts the type), tensor names are shorter than 64
+bytes, at most 4 dimensions, rows a whole number of quantization blocks, tensors stored
+back to back in table order (each padded to the alignment), and the tokenizer's tables
+have the element types and lengths llama.cpp indexes them with.
+
+The file is memory-mapped and walked with struct.unpack_from; the big tokenizer arrays are
+walked (so a truncated one is caught) but not decoded unless asked for. Where mmap is not
+available the header part of the file is read into memory in growing pieces instead.
 """
 
 from __future__ import annotations
@@ -27,20 +42,51 @@ from typing import Any
 
 from hanlin.backends.base import ModelError
 
+__all__ = [
+    "GGML_TYPES",
+    "ArraySummary",
+    "GGUFInfo",
+    "TensorInfo",
+    "check_tensor_data",
+    "read_gguf",
+    "validate_gguf",
+]
+
 MAGIC = b"GGUF"
+HEADER_SIZE = 24  # magic, version, n_tensors, n_kv
 DEFAULT_ALIGNMENT = 32
-MAX_DIMS = 4
+MAX_DIMS = 4  # GGML_MAX_DIMS
+MAX_NAME = 64  # GGML_MAX_NAME: a tensor name must be shorter than this (in bytes)
+
+# Counts past these that the file could not hold either are corruption; a plausible count in
+# a short file is a truncation, reported where the file ends.
 MAX_KV = 1 << 20
 MAX_TENSORS = 1 << 24
+MAX_ARRAY = 1 << 32  # elements (llama.cpp indexes the vocabulary with a u32)
+MAX_STRING = 1 << 32  # bytes
+_MIN_KV_BYTES = 8 + 4 + 1  # key length, value type, smallest value
+_MIN_TENSOR_BYTES = 8 + 4 + 4 + 8  # name length, n_dims, ggml type, offset
 
-# value type id -> (struct format, size); 8 = string and 9 = array are handled apart
-_SCALARS: dict[int, tuple[str, int]] = {
-    0: ("<B", 1), 1: ("<b", 1), 2: ("<H", 2), 3: ("<h", 2), 4: ("<I", 4), 5: ("<i", 4),
-    6: ("<f", 4), 7: ("<?", 1), 10: ("<Q", 8), 11: ("<q", 8), 12: ("<d", 8),
+_REFETCH = "download it again (a catalogue model: `hanlin pull NAME --force`)"
+_RECONVERT = "re-convert it with a current llama.cpp (convert_hf_to_gguf.py) or " + _REFETCH
+
+# value type id -> struct for one value; 8 = string and 9 = array are handled apart
+_SCALARS: dict[int, struct.Struct] = {
+    0: struct.Struct("<B"), 1: struct.Struct("<b"), 2: struct.Struct("<H"), 3: struct.Struct("<h"),
+    4: struct.Struct("<I"), 5: struct.Struct("<i"), 6: struct.Struct("<f"), 7: struct.Struct("<?"),
+    10: struct.Struct("<Q"), 11: struct.Struct("<q"), 12: struct.Struct("<d"),
 }  # fmt: skip
-STRING, ARRAY = 8, 9
+UINT32, INT32, FLOAT32, STRING, ARRAY = 4, 5, 6, 8, 9
+VALUE_TYPES = {0: "UINT8", 1: "INT8", 2: "UINT16", 3: "INT16", 4: "UINT32", 5: "INT32", 6: "FLOAT32",
+               7: "BOOL", 8: "STRING", 9: "ARRAY", 10: "UINT64", 11: "INT64", 12: "FLOAT64"}  # fmt: skip
 
-# ggml type id -> (name, elements per block, bytes per block); from ggml.h / ggml.c
+_U32 = struct.Struct("<I").unpack_from
+_U64 = struct.Struct("<Q").unpack_from
+_HEAD = struct.Struct("<4sIQQ").unpack_from
+_TYPE_OFFSET = struct.Struct("<IQ").unpack_from
+
+# ggml type id -> (name, elements per block, bytes per block); ggml.c's type_traits, checked
+# against gguf.constants.GGML_QUANT_SIZES by the tests.
 GGML_TYPES: dict[int, tuple[str, int, int]] = {
     0: ("F32", 1, 4),
     1: ("F16", 1, 2),
@@ -74,25 +120,42 @@ GGML_TYPES: dict[int, tuple[str, int, int]] = {
     34: ("TQ1_0", 256, 54),
     35: ("TQ2_0", 256, 66),
     39: ("MXFP4", 32, 17),
+    40: ("NVFP4", 64, 36),
+    41: ("Q1_0", 128, 18),
+}
+# Types ggml once had and removed: files that use them must be re-quantized.
+_REMOVED_TYPES = {4: "Q4_2", 5: "Q4_3", 31: "Q4_0_4_4", 32: "Q4_0_4_8", 33: "Q4_0_8_8",
+                  36: "IQ4_NL_4_4", 37: "IQ4_NL_4_8", 38: "IQ4_NL_8_8"}  # fmt: skip
+
+# Tokenizer tables llama.cpp indexes directly (an assertion or an out-of-bounds read if wrong):
+# key -> element type it must have; scores and token_type must be as long as tokens.
+_TOKENIZER_ARRAYS = {
+    "tokenizer.ggml.tokens": STRING,
+    "tokenizer.ggml.merges": STRING,
+    "tokenizer.ggml.scores": FLOAT32,
+    "tokenizer.ggml.token_type": INT32,
 }
 
-# Arrays that are big and not needed to chat (the tokenizer's own tables): skipped but
-# walked, so a truncated file is still caught, unless read_arrays=True.
+# Arrays this long (the tokenizer's own tables) are walked but not decoded unless asked for.
 _BIG_ARRAY_MIN = 1024
+_FIRST_READ = 8 << 20  # without mmap: bytes read first, grown 4x until the tables fit
 
 
 @dataclass(frozen=True)
 class ArraySummary:
-    """An array value that was walked but not kept (see read_arrays)."""
+    """An array value that was walked (so it is known to be intact) but not kept."""
 
-    type: int
+    type: int  # element value type (8 = string)
     length: int
+
+    def __len__(self) -> int:
+        return self.length
 
 
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
-    shape: tuple[int, ...]  # ggml order: shape[0] is the fastest-moving dimension
+    shape: tuple[int, ...]  # ggml order: shape[0] is the fastest-moving dimension (a row)
     ggml_type: int
     type_name: str
     offset: int  # absolute offset of the data in the file
@@ -112,262 +175,472 @@ class GGUFInfo:
     version: int
     file_size: int
     alignment: int
-    data_offset: int
+    data_offset: int  # absolute offset of the data section
     metadata: dict[str, Any] = field(default_factory=dict)
     tensors: list[TensorInfo] = field(default_factory=list)
-    tokens: list[str] | None = None  # tokenizer.ggml.tokens, when asked for
 
     @property
     def architecture(self) -> str | None:
-        return self.metadata.get("general.architecture")
+        v = self.metadata.get("general.architecture")
+        return v if isinstance(v, str) else None
 
     @property
     def context_length(self) -> int | None:
-        v = self.metadata.get(f"{self.architecture}.context_length")
-        return int(v) if isinstance(v, int) else None
+        return _opt_int(self.metadata.get(f"{self.architecture}.context_length"))
 
     @property
     def chat_template(self) -> str | None:
-        return self.metadata.get("tokenizer.chat_template")
+        v = self.metadata.get("tokenizer.chat_template")
+        return v if isinstance(v, str) else None
 
     @property
     def bos_token_id(self) -> int | None:
-        return self.metadata.get("tokenizer.ggml.bos_token_id")
+        return _opt_int(self.metadata.get("tokenizer.ggml.bos_token_id"))
 
     @property
     def eos_token_id(self) -> int | None:
-        return self.metadata.get("tokenizer.ggml.eos_token_id")
+        return _opt_int(self.metadata.get("tokenizer.ggml.eos_token_id"))
 
     @property
     def name(self) -> str:
-        return self.metadata.get("general.name") or os.path.basename(self.path)
+        """general.name, or the file name when the file has none."""
+        v = self.metadata.get("general.name")
+        return v if isinstance(v, str) and v else os.path.basename(self.path)
 
     @property
     def file_type(self) -> int | None:
-        return self.metadata.get("general.file_type")
+        return _opt_int(self.metadata.get("general.file_type"))
 
     @property
     def n_params(self) -> int:
         return sum(t.n_elements for t in self.tensors)
 
     @property
+    def tokens(self) -> list[str] | None:
+        """tokenizer.ggml.tokens, when it was read (read_gguf(tokens=True) or read_arrays=True)."""
+        v = self.metadata.get("tokenizer.ggml.tokens")
+        return v if isinstance(v, list) else None
+
+    @property
+    def bos_token(self) -> str | None:
+        return self._token_text(self.bos_token_id)
+
+    @property
+    def eos_token(self) -> str | None:
+        return self._token_text(self.eos_token_id)
+
+    def _token_text(self, token_id: int | None) -> str | None:
+        toks = self.tokens
+        if toks is None or token_id is None or not 0 <= token_id < len(toks):
+            return None
+        return toks[token_id]
+
+    @property
     def data_end(self) -> int:
+        """Where the last tensor's data ends: the smallest size a complete file can have."""
         return max((t.offset + t.nbytes for t in self.tensors), default=self.data_offset)
 
 
+def _opt_int(v: Any) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def _pad(n: int, alignment: int) -> int:
+    return -(-n // alignment) * alignment
+
+
+# --------------------------------------------------------------------------------------
+# Internal signals, turned into ModelError (with the path and the place) by read_gguf
+# --------------------------------------------------------------------------------------
+
+
 class _Truncated(Exception):
-    """The file ended while reading `what` at `pos`."""
+    """The file ends before `need` bytes at `pos` could be read."""
 
-    def __init__(self, pos: int, need: int):
-        self.pos, self.need = pos, need
-
-
-class _Reader:
-    """A cursor over the file's bytes (memory-mapped), with bounds checks on every read."""
-
-    def __init__(self, buf: Any, size: int):
-        self.buf, self.size, self.pos = buf, size, 0
-
-    def take(self, n: int) -> bytes:
-        end = self.pos + n
-        if n < 0 or end > self.size:
-            raise _Truncated(self.pos, n)
-        b = self.buf[self.pos : end]
-        self.pos = end
-        return b
-
-    def skip(self, n: int) -> None:
-        if n < 0 or self.pos + n > self.size:
-            raise _Truncated(self.pos, n)
-        self.pos += n
-
-    def u32(self) -> int:
-        return struct.unpack("<I", self.take(4))[0]
-
-    def u64(self) -> int:
-        return struct.unpack("<Q", self.take(8))[0]
-
-    def string(self) -> str:
-        n = self.u64()
-        if n > self.size - self.pos:
-            raise _Truncated(self.pos, n)
-        return self.take(n).decode("utf-8", errors="replace")
-
-    def skip_string(self) -> None:
-        self.skip(self.u64())
+    def __init__(self, pos: int, need: int, detail: str = ""):
+        self.pos, self.need, self.detail = pos, need, detail
 
 
-def _hint(head: bytes) -> str:
-    if not head:
-        return "the file is empty"
-    if head[:2] == b"PK":
-        return "this looks like a zip archive (a wheel or a PyTorch .bin?), not a GGUF file"
-    if head.lstrip()[:1] == b"<":
-        return "this looks like an HTML/XML page (a failed download?), not a GGUF file"
-    if len(head) >= 9 and head[8:9] == b"{":
-        return "this looks like a safetensors file; use the model folder with a torch engine"
-    if head.lstrip()[:1] in (b"{", b"["):
-        return "this looks like a JSON file, not a GGUF file"
-    if head[:4] == b"ggjt" or head[:4] == b"ggml" or head[:4] == b"tjgg":
-        return "this is an old GGML-era file; convert it to GGUF with llama.cpp's convert scripts"
-    return f"it starts with {head[:8]!r} instead of b'GGUF'"
+class _Corrupt(Exception):
+    """The bytes are there but cannot be right: the message says what is wrong."""
 
 
-def read_gguf(path: str, *, read_arrays: bool = False, tokens: bool = False) -> GGUFInfo:
-    """Read the header, metadata and tensor table of a GGUF file; raise ModelError if bad.
+class _NeedMore(Exception):
+    """(No mmap) the bytes read so far end before the tables do: read more and start again."""
 
-    read_arrays: keep every array value (big tokenizer tables included). Otherwise arrays of
-    1024+ elements are walked (so a truncated one is caught) and stored as ArraySummary.
-    tokens: also keep tokenizer.ggml.tokens as GGUFInfo.tokens.
+
+# --------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------
+
+
+def read_gguf(path: str | os.PathLike, *, read_arrays: bool = False, tokens: bool = False) -> GGUFInfo:
+    """Read the header, metadata and tensor table of a GGUF file; ModelError if they are bad.
+
+    read_arrays: keep every array value as a list (the big tokenizer tables included).
+        Otherwise arrays of 1024+ elements are walked (so a truncated or corrupt one is
+        still caught) and stored as ArraySummary(type, length).
+    tokens: also keep tokenizer.ggml.tokens as a list (GGUFInfo.tokens, .bos_token, .eos_token).
+
+    The tensor data itself is not looked at: validate_gguf does that.
     """
     path = os.fspath(path)
     try:
-        size = os.path.getsize(path)
-        f = open(path, "rb")
+        f = open(path, "rb")  # noqa: SIM115 (closed by the `with f` below)
     except FileNotFoundError:
         raise ModelError(f"{path} does not exist") from None
     except IsADirectoryError:
         raise ModelError(f"{path} is a folder, not a .gguf file") from None
     except OSError as e:
-        raise ModelError(f"cannot read {path}: {e.strerror}") from None
+        raise ModelError(f"cannot read {path}: {e.strerror or e}") from None
     with f:
-        if size < 24:
-            head = f.read(8)
-            if head[:4] != MAGIC:
-                raise ModelError(f"{path} is not a GGUF file: {_hint(head)}")
-            raise ModelError(
-                f"{path} is truncated: the file is {size} bytes, shorter than the 24-byte GGUF header; "
-                "the download is incomplete, fetch it again (e.g. `hanlin pull NAME --force`)"
-            )
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            return _parse(path, mm, size, read_arrays=read_arrays, want_tokens=tokens)
+        try:
+            size = os.fstat(f.fileno()).st_size
+            if size < HEADER_SIZE:
+                _refuse_short(path, f.read(), size)
+            try:
+                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            except (OSError, ValueError):  # a file system without mmap: read the tables instead
+                mm = None
+            if mm is not None:
+                with mm:
+                    return _parse(path, mm, len(mm), len(mm), read_arrays, tokens)
+            return _parse_by_reading(path, f, size, read_arrays, tokens)
+        except OSError as e:
+            raise ModelError(f"cannot read {path}: {e.strerror or e}") from None
 
 
-def _parse(path: str, buf: Any, size: int, *, read_arrays: bool, want_tokens: bool) -> GGUFInfo:
-    r = _Reader(buf, size)
-    head = bytes(buf[:16])
-    if head[:4] != MAGIC:
-        raise ModelError(f"{path} is not a GGUF file: {_hint(head)}")
-    r.skip(4)
-    version = r.u32()
-    if version == 1:
-        raise ModelError(f"{path} is GGUF version 1, which is not supported; re-convert it with a current llama.cpp")
-    if version not in (2, 3):
-        raise ModelError(f"{path} has GGUF version {version}; this reader knows versions 2 and 3 (is the file corrupt?)")
-    n_tensors, n_kv = r.u64(), r.u64()
-    # Counts no real model has (and more entries than the file could hold: a KV needs >= 13
-    # bytes, a tensor info >= 29) mean a corrupt header; plausible counts in a short file are
-    # a truncation, which the walk below reports at the exact place the file ends.
-    if (n_kv > MAX_KV and n_kv * 13 > size) or (n_tensors > MAX_TENSORS and n_tensors * 29 > size):
+def _parse_by_reading(path: str, f: Any, size: int, read_arrays: bool, want_tokens: bool) -> GGUFInfo:
+    n = min(size, _FIRST_READ)
+    while True:
+        f.seek(0)
+        buf = f.read(n)
+        file_size = size if len(buf) == n else len(buf)  # the file shrank under us: it ends here
+        try:
+            return _parse(path, buf, len(buf), file_size, read_arrays, want_tokens)
+        except _NeedMore:
+            n = min(size, n * 4)
+
+
+def _refuse_short(path: str, head: bytes, size: int) -> None:
+    if size == 0:
+        raise ModelError(f"{path} is empty (0 bytes): the download did not complete; {_REFETCH}")
+    if MAGIC.startswith(head[:4]):
         raise ModelError(
-            f"{path} is corrupt: its header claims {n_tensors} tensors and {n_kv} metadata entries, "
-            f"more than a {size}-byte file can hold"
+            f"{path} is truncated: it is only {size} bytes, shorter than the {HEADER_SIZE}-byte GGUF header; "
+            f"the download is incomplete: {_REFETCH}"
         )
-    info = GGUFInfo(path=path, version=version, file_size=size, alignment=DEFAULT_ALIGNMENT, data_offset=0)
-    where = "the metadata table"
+    raise ModelError(_not_gguf(path, head))
+
+
+def _not_gguf(path: str, head: bytes) -> str:
+    msg = f"{path} is not a GGUF file: it starts with {head[:8]!r}, not b'GGUF'"
+    hint = _what_is_it(head)
+    return f"{msg}; {hint}" if hint else f"{msg}; expected a .gguf model file"
+
+
+def _what_is_it(head: bytes) -> str | None:
+    """A guess at what a non-GGUF file is, from its first bytes."""
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if len(head) >= 9 and head[8:9] == b"{" and head[5:8] == b"\0\0\0":
+        return "this looks like a safetensors file: give the model folder to the torch engine instead"
+    if text.startswith(b"version https://git-lfs"):
+        return "this is a Git LFS pointer, not the model: fetch the file itself (`git lfs pull`, or download it directly)"
+    if text.startswith((b"<!doctype html", b"<html", b"<head", b"<?xml", b"<")):
+        return "this looks like an HTML/XML page (an error or login page saved in place of the model?), not a GGUF file"
+    if head[:2] == b"PK":
+        return "this looks like a zip archive (a PyTorch .bin, a wheel?), not a GGUF file"
+    if text[:1] in (b"{", b"["):
+        return "this looks like a JSON file, not a GGUF file"
+    if head[:2] == b"\x1f\x8b":
+        return "this is a gzip archive: unpack it first"
+    if head[:1] == b"\x80":
+        return "this looks like a Python pickle (a PyTorch .pt/.bin?), not a GGUF file"
+    if head[:4] in (b"lmgg", b"fmgg", b"tjgg", b"ggml", b"ggmf", b"ggjt"):
+        return "this is a pre-GGUF GGML file: convert the original model to GGUF with a current llama.cpp"
+    return None
+
+
+def _parse(path: str, buf: Any, end: int, file_size: int, read_arrays: bool, want_tokens: bool) -> GGUFInfo:
+    p = _Parser(buf, end, file_size)
     try:
-        for i in range(n_kv):
-            where = f"metadata entry {i + 1} of {n_kv}"
-            key = r.string()
-            vtype = r.u32()
-            where = f"metadata entry {i + 1} of {n_kv} ({key!r})"
-            keep_all = read_arrays or (want_tokens and key == "tokenizer.ggml.tokens")
-            info.metadata[key] = _value(r, vtype, path, key, keep_all)
-        if want_tokens and isinstance(info.metadata.get("tokenizer.ggml.tokens"), list):
-            info.tokens = info.metadata["tokenizer.ggml.tokens"]
-            if not read_arrays:
-                info.metadata["tokenizer.ggml.tokens"] = ArraySummary(STRING, len(info.tokens))
-        alignment = info.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
-        if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
-            raise ModelError(f"{path} is corrupt: general.alignment is {alignment!r}, expected a power of two")
-        info.alignment = alignment
-        raw_tensors = []
-        for i in range(n_tensors):
-            where = f"tensor info {i + 1} of {n_tensors}"
-            name = r.string()
-            n_dims = r.u32()
-            if n_dims == 0 or n_dims > MAX_DIMS:
-                raise ModelError(f"{path} is corrupt: tensor {name!r} has {n_dims} dimensions (1 to {MAX_DIMS} allowed)")
-            shape = tuple(r.u64() for _ in range(n_dims))
-            ggml_type = r.u32()
-            offset = r.u64()
-            raw_tensors.append((name, shape, ggml_type, offset))
+        return p.parse(path, read_arrays, want_tokens)
     except _Truncated as t:
+        detail = f": {t.detail}" if t.detail else f" (needed {t.need} bytes at byte {t.pos})"
         raise ModelError(
-            f"{path} is truncated: the file ends at byte {size} while reading {where} "
-            f"(needed {t.need} bytes at byte {t.pos}); the download is incomplete, fetch it again"
+            f"{path} is truncated: the file ends at byte {file_size} while reading {p.where}{detail}; "
+            f"the download is incomplete: {_REFETCH}"
         ) from None
-    data_offset = -(-r.pos // info.alignment) * info.alignment
-    info.data_offset = data_offset
-    seen: set[str] = set()
-    for name, shape, ggml_type, rel in raw_tensors:
-        if name in seen:
-            raise ModelError(f"{path} is corrupt: tensor {name!r} appears twice in the tensor table")
-        seen.add(name)
-        if ggml_type not in GGML_TYPES:
-            raise ModelError(
-                f"{path}: tensor {name!r} has ggml type {ggml_type}, which this reader does not know "
-                "(a newer quantization, or a corrupt file)"
-            )
-        type_name, block, type_size = GGML_TYPES[ggml_type]
-        n = 1
-        for d in shape:
-            n *= d
-        if n == 0 or shape[0] % block:
-            raise ModelError(f"{path} is corrupt: tensor {name!r} has shape {list(shape)}, not a whole number of {type_name} blocks of {block}")
-        if rel % info.alignment:
-            raise ModelError(f"{path} is corrupt: tensor {name!r} starts at data offset {rel}, not a multiple of the alignment {info.alignment}")
-        info.tensors.append(TensorInfo(name, shape, ggml_type, type_name, data_offset + rel, n // block * type_size))
-    _check_ranges(info)
-    return info
+    except _Corrupt as c:
+        raise ModelError(f"{path} is corrupt: {c}; {_RECONVERT}") from None
 
 
-def _value(r: _Reader, vtype: int, path: str, key: str, keep_all: bool) -> Any:
-    if vtype in _SCALARS:
-        fmt, n = _SCALARS[vtype]
-        return struct.unpack(fmt, r.take(n))[0]
-    if vtype == STRING:
-        return r.string()
-    if vtype == ARRAY:
-        etype = r.u32()
-        count = r.u64()
-        if etype == ARRAY:
-            raise ModelError(f"{path} is corrupt: metadata {key!r} is an array of arrays")
-        if etype in _SCALARS:
-            fmt, n = _SCALARS[etype]
-            if count * n > r.size - r.pos:
-                raise _Truncated(r.pos, count * n)
-            if keep_all or count < _BIG_ARRAY_MIN:
-                return list(struct.unpack(f"<{count}{fmt[1]}", r.take(count * n)))
-            r.skip(count * n)
-            return ArraySummary(etype, count)
+class _Parser:
+    def __init__(self, buf: Any, end: int, file_size: int):
+        self.buf, self.end, self.file_size = buf, end, file_size
+        self.pos = 0
+        self.where = "the header"
+        self.types: dict[str, tuple[int, int | None]] = {}  # key -> (value type, element type)
+        self.etype: int | None = None  # element type of the last array read
+
+    # ---- bounds ----------------------------------------------------------------------
+
+    def _past(self, pos: int, n: int, detail: str = "") -> Exception:
+        """The exception for a read of n bytes at pos that does not fit in the bytes at hand."""
+        if pos + n <= self.file_size:
+            return _NeedMore()  # only when reading without mmap: the file goes on
+        return _Truncated(pos, n, detail)
+
+    def _take(self, n: int) -> int:
+        """Claim n bytes at the cursor; return where they start."""
+        pos = self.pos
+        if pos + n > self.end:
+            raise self._past(pos, n)
+        self.pos = pos + n
+        return pos
+
+    def u32(self) -> int:
+        return _U32(self.buf, self._take(4))[0]
+
+    def u64(self) -> int:
+        return _U64(self.buf, self._take(8))[0]
+
+    def string(self, what: str = "a string") -> str:
+        n = self.u64()
+        pos = self.pos
+        if n > self.end - pos:
+            if n > self.file_size - pos and n >= MAX_STRING:
+                raise _Corrupt(f"{self.where}: {what} claims to be {n} bytes long")
+            raise self._past(pos, n, f"{what} of {n} bytes at byte {pos} runs past the end of the file")
+        self.pos = pos + n
+        return _decode(self.buf[pos : pos + n])
+
+    # ---- the file --------------------------------------------------------------------
+
+    def parse(self, path: str, read_arrays: bool, want_tokens: bool) -> GGUFInfo:
+        buf = self.buf
+        magic, version, n_tensors, n_kv = _HEAD(buf, 0)
+        if magic != MAGIC:
+            raise ModelError(_not_gguf(path, bytes(buf[:64])))
+        _check_version(path, version)
+        self.pos = HEADER_SIZE
+        size = self.file_size
+        if n_tensors > MAX_TENSORS and n_tensors * _MIN_TENSOR_BYTES > size:
+            raise _Corrupt(f"its header claims {n_tensors} tensors, more than a {size}-byte file can hold")
+        if n_kv > MAX_KV and n_kv * _MIN_KV_BYTES > size:
+            raise _Corrupt(f"its header claims {n_kv} metadata entries, more than a {size}-byte file can hold")
+
+        info = GGUFInfo(path=path, version=version, file_size=size, alignment=DEFAULT_ALIGNMENT, data_offset=0)
+        md = info.metadata
+        for i in range(n_kv):
+            self.where = f"metadata entry {i + 1} of {n_kv}"
+            key = self.string("the key")
+            self.where = f"metadata entry {i + 1} of {n_kv} ({key!r})"
+            if key in md:
+                raise _Corrupt(f"metadata key {key!r} appears twice")
+            vtype = self.u32()
+            keep = read_arrays or (want_tokens and key == "tokenizer.ggml.tokens")
+            md[key] = self.value(key, vtype, keep)
+            self.types[key] = (vtype, self.etype if vtype == ARRAY else None)
+        self.where = "the metadata"
+        info.alignment = self.check_metadata(md)
+
+        raw = []
+        names: set[str] = set()
+        for i in range(n_tensors):
+            self.where = f"tensor info {i + 1} of {n_tensors}"
+            name = self.string("the tensor name")
+            self.where = f"tensor info {i + 1} of {n_tensors} ({name!r})"
+            n_dims = self.u32()
+            if n_dims > MAX_DIMS:
+                raise _Corrupt(f"tensor {name!r} has {n_dims} dimensions; ggml allows at most {MAX_DIMS}")
+            shape = struct.unpack_from(f"<{n_dims}Q", buf, self._take(8 * n_dims))
+            ggml_type, rel = _TYPE_OFFSET(buf, self._take(12))
+            if name in names:
+                raise _Corrupt(f"tensor {name!r} appears twice in the tensor table")
+            names.add(name)
+            raw.append((name, shape, ggml_type, rel))
+        self.where = "the tensor table"
+
+        info.data_offset = _pad(self.pos, info.alignment)
+        for name, shape, ggml_type, rel in raw:
+            type_name, nbytes = _tensor_size(path, name, shape, ggml_type)
+            info.tensors.append(TensorInfo(name, shape, ggml_type, type_name, info.data_offset + rel, nbytes))
+        return info
+
+    def value(self, key: str, vtype: int, keep: bool) -> Any:
+        scalar = _SCALARS.get(vtype)
+        if scalar is not None:
+            return scalar.unpack_from(self.buf, self._take(scalar.size))[0]
+        if vtype == STRING:
+            return self.string("the value")
+        if vtype != ARRAY:
+            raise _Corrupt(f"metadata {key!r} has unknown value type {vtype} (known: 0 to 12)")
+        etype = self.etype = self.u32()
+        count = self.u64()
+        pos = self.pos
         if etype == STRING:
-            if count * 8 > r.size - r.pos:
-                raise _Truncated(r.pos, count * 8)
-            if keep_all or count < _BIG_ARRAY_MIN:
-                return [r.string() for _ in range(count)]
-            for _ in range(count):
-                r.skip_string()
-            return ArraySummary(etype, count)
-        raise ModelError(f"{path} is corrupt: metadata {key!r} is an array of unknown type {etype}")
-    raise ModelError(f"{path} is corrupt: metadata {key!r} has unknown value type {vtype}")
+            min_bytes = 8
+        elif etype in _SCALARS:
+            min_bytes = _SCALARS[etype].size
+        elif etype == ARRAY:
+            raise _Corrupt(f"metadata {key!r} is an array of arrays, which llama.cpp does not read")
+        else:
+            raise _Corrupt(f"metadata {key!r} is an array of unknown value type {etype} (known: 0 to 12)")
+        need = count * min_bytes
+        if need > self.file_size - pos and count >= MAX_ARRAY:
+            raise _Corrupt(f"metadata {key!r} claims an array of {count} elements")
+        if need > self.end - pos:
+            raise self._past(pos, need, f"an array of {count} {VALUE_TYPES[etype]} values at byte {pos} runs past the end of the file")
+        keep = keep or count < _BIG_ARRAY_MIN
+        if etype != STRING:
+            self.pos = pos + need
+            if not keep:
+                return ArraySummary(etype, count)
+            return list(struct.unpack_from(f"<{count}{_SCALARS[etype].format[1:]}", self.buf, pos))
+        out = self.strings(count, keep)
+        return out if keep else ArraySummary(STRING, count)
+
+    def strings(self, count: int, keep: bool) -> list[str] | None:
+        """Walk an array of count strings from the cursor (the hot loop: 100k tokens/merges)."""
+        buf, end, pos = self.buf, self.end, self.pos
+        out: list[str] | None = [] if keep else None
+        u64 = _U64
+        for i in range(count):
+            if pos + 8 > end:
+                self.pos = pos
+                raise self._past(pos, 8, f"string {i + 1} of {count} at byte {pos} runs past the end of the file")
+            n = u64(buf, pos)[0]
+            pos += 8
+            if n > end - pos:
+                if n > self.file_size - pos and n >= MAX_STRING:
+                    raise _Corrupt(f"{self.where}: string {i + 1} of {count} claims to be {n} bytes long")
+                raise self._past(pos, n, f"string {i + 1} of {count} ({n} bytes at byte {pos}) runs past the end of the file")
+            if out is not None:
+                out.append(_decode(buf[pos : pos + n]))
+            pos += n
+        self.pos = pos
+        return out
+
+    def check_metadata(self, md: dict[str, Any]) -> int:
+        """The keys llama.cpp reads with asserting getters or indexes without bounds checks;
+        returns the alignment."""
+        types = self.types
+        alignment = md.get("general.alignment", DEFAULT_ALIGNMENT)
+        if "general.alignment" in md and types["general.alignment"][0] != UINT32:
+            raise _Corrupt(f"general.alignment is {alignment!r} stored as {_type_name(types['general.alignment'])}, expected a UINT32")
+        if alignment <= 0 or alignment & (alignment - 1):
+            raise _Corrupt(f"general.alignment is {alignment}, expected a power of two (default {DEFAULT_ALIGNMENT})")
+        for key, etype in _TOKENIZER_ARRAYS.items():
+            if key in md and types[key] != (ARRAY, etype):
+                raise _Corrupt(f"{key} is {_type_name(types[key])}, expected an array of {VALUE_TYPES[etype]}")
+        if "tokenizer.ggml.tokens" in md:
+            n_tokens = len(md["tokenizer.ggml.tokens"])
+            for key in ("tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
+                if key in md and len(md[key]) != n_tokens:
+                    raise _Corrupt(f"{key} has {len(md[key])} entries but tokenizer.ggml.tokens has {n_tokens}; they must match")
+        return alignment
 
 
-def _check_ranges(info: GGUFInfo) -> None:
-    """Every tensor's bytes must lie inside the file and not overlap another's."""
-    spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in info.tensors)
-    need = max((end for _, end, _ in spans), default=info.data_offset)
-    for start, end, name in spans:
-        if end > info.file_size:
+def _type_name(t: tuple[int, int | None]) -> str:
+    vtype, etype = t
+    if vtype == ARRAY:
+        return f"an array of {VALUE_TYPES.get(etype, etype)}"
+    return f"a {VALUE_TYPES.get(vtype, vtype)}"
+
+
+def _decode(b: bytes) -> str:
+    return b.decode("utf-8", errors="replace")
+
+
+def _check_version(path: str, version: int) -> None:
+    if version in (2, 3):
+        return
+    if version == 1:
+        raise ModelError(f"{path}: GGUF version 1 is not supported; re-convert the model with a current llama.cpp (convert_hf_to_gguf.py)")
+    if version == 0:
+        raise ModelError(f"{path} is corrupt: its GGUF version is 0, which does not exist; {_REFETCH}")
+    if version & 0xFFFF == 0:
+        raise ModelError(
+            f"{path} is a big-endian GGUF file (its version reads {version:#x}): this machine is little-endian; "
+            "use the little-endian file of this model"
+        )
+    raise ModelError(f"{path} is GGUF version {version}, newer than this hanlin reads (2 and 3); update hanlin, or the file is corrupt")
+
+
+def _tensor_size(path: str, name: str, shape: tuple[int, ...], ggml_type: int) -> tuple[str, int]:
+    """The type name and byte size of a tensor; _Corrupt/ModelError for what ggml refuses."""
+    if len(name.encode("utf-8")) >= MAX_NAME:
+        raise _Corrupt(f"tensor name {name[:80]!r} is {len(name.encode())} bytes; ggml allows at most {MAX_NAME - 1}")
+    n = 1
+    for j, d in enumerate(shape):
+        if d >= 1 << 63:
+            raise _Corrupt(f"tensor {name!r} has a negative dimension {j} ({d - (1 << 64)})")
+        if d == 0:
+            raise _Corrupt(f"tensor {name!r} has shape {list(shape)}: dimension {j} is zero")
+        n *= d
+    if n >= 1 << 63:
+        raise _Corrupt(f"tensor {name!r} has shape {list(shape)}: {n} elements is more than ggml can index")
+    if ggml_type not in GGML_TYPES:
+        if ggml_type in _REMOVED_TYPES:
             raise ModelError(
-                f"{info.path} is truncated: tensor {name!r} needs bytes [{start}, {end}) but the file is only "
-                f"{info.file_size} bytes; the download is incomplete (expected at least {need} bytes), fetch it again"
+                f"{path}: tensor {name!r} has ggml type {ggml_type} ({_REMOVED_TYPES[ggml_type]}), which ggml no longer "
+                "supports: re-quantize the model with a current llama.cpp"
             )
-    for (_, e1, n1), (s2, _, n2) in zip(spans, spans[1:]):
-        if s2 < e1:
-            raise ModelError(f"{info.path} is corrupt: tensors {n1!r} and {n2!r} overlap (bytes {s2} to {e1})")
+        raise ModelError(
+            f"{path}: tensor {name!r} has ggml type {ggml_type}, which this hanlin does not know: a newer quantization "
+            f"(update hanlin) or a corrupt file ({_REFETCH})"
+        )
+    type_name, block, type_size = GGML_TYPES[ggml_type]
+    row = shape[0] if shape else 1
+    if row % block:
+        raise _Corrupt(f"tensor {name!r} ({type_name}) has rows of {row} elements, not a whole number of {type_name} blocks of {block}")
+    return type_name, n // block * type_size
 
 
-def validate_gguf(path: str) -> GGUFInfo:
-    """read_gguf, for the purpose of refusing a bad file before llama.cpp opens it."""
-    return read_gguf(path)
+# --------------------------------------------------------------------------------------
+# The tensor data
+# --------------------------------------------------------------------------------------
+
+
+def check_tensor_data(info: GGUFInfo) -> None:
+    """The tensor data is laid out as llama.cpp requires (in table order, each tensor at the
+    previous one's end rounded up to the alignment) and lies inside the file."""
+    path, align = info.path, info.alignment
+    expected = 0  # data offset where the next tensor must start
+    prev: TensorInfo | None = None
+    for t in info.tensors:
+        rel = t.offset - info.data_offset
+        if rel % align:
+            raise ModelError(
+                f"{path} is corrupt: tensor {t.name!r} starts at data offset {rel}, not a multiple of the alignment {align}; {_RECONVERT}"
+            )
+        if rel != expected:
+            if prev is None:
+                what = f"the first tensor {t.name!r} starts at data offset {rel}, expected 0"
+            elif rel < expected:
+                what = (f"tensor {t.name!r} starts at data offset {rel}, which overlaps tensor {prev.name!r} "
+                        f"(data offsets {prev.offset - info.data_offset} to {prev.offset - info.data_offset + prev.nbytes}); expected {expected}")  # fmt: skip
+            else:
+                what = (f"tensor {t.name!r} starts at data offset {rel}, {rel - expected} bytes after where tensor "
+                        f"{prev.name!r} ends (padded to {align}); expected {expected}: llama.cpp requires tensors back to back")  # fmt: skip
+            raise ModelError(f"{path} is corrupt: {what}; {_RECONVERT}")
+        expected = rel + _pad(t.nbytes, align)
+        prev = t
+    need = info.data_end
+    for i, t in enumerate(info.tensors):
+        start, end = t.offset, t.offset + t.nbytes
+        if end > info.file_size:
+            more = len(info.tensors) - i - 1
+            rest = f" (and the {more} tensors after it)" if more > 1 else " (and the one after it)" if more == 1 else ""
+            raise ModelError(
+                f"{path} is truncated: tensor {t.name!r}{rest} needs bytes [{start}, {end}) but the file is only "
+                f"{info.file_size} bytes; the download is incomplete: expected at least {need} bytes; {_REFETCH}"
+            )
+
+
+def validate_gguf(path: str | os.PathLike) -> GGUFInfo:
+    """read_gguf, then check_tensor_data: refuse a bad file before llama.cpp opens it."""
+    info = read_gguf(path)
+    check_tensor_data(info)
+    return info
