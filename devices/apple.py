@@ -3,18 +3,14 @@ llama.cpp's Metal build, which needs no probe). Its memory is the Mac's unified 
 
 from __future__ import annotations
 
-import importlib.util
 import platform
 
 from hanlin.devices.device import Device
-from hanlin.devices.tools import run_tool
+from hanlin.devices.tools import installed, run_tool
 
 
 def _torch_installed() -> bool:
-    try:
-        return importlib.util.find_spec("torch") is not None
-    except (ImportError, ValueError):
-        return False
+    return installed("torch")
 
 
 def probe_mps(system: str | None = None) -> tuple[list[Device], str | None]:

@@ -8,14 +8,13 @@ on recorded real outputs.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import shutil
 from collections.abc import Callable
 
 from hanlin.devices.device import Device, keep_visible
-from hanlin.devices.tools import first_line, run_tool
+from hanlin.devices.tools import first_line, installed, run_tool
 
 MiB = 1 << 20
 # "| 0     910B3               | OK            | 97.5        41                0    / 0             |"
@@ -71,10 +70,7 @@ def ascend_driver_present(isdir: Callable[[str], bool] = os.path.isdir, which: C
 
 
 def _torch_npu_installed() -> bool:
-    try:
-        return importlib.util.find_spec("torch_npu") is not None
-    except (ImportError, ValueError):
-        return False
+    return installed("torch_npu")
 
 
 def probe_ascend() -> tuple[list[Device], str | None]:

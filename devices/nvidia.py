@@ -8,14 +8,13 @@ function tested on recorded real outputs.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import sys
 from collections.abc import Callable
 
 from hanlin.devices.device import Device, keep_visible
-from hanlin.devices.tools import first_line, read_text, run_tool
+from hanlin.devices.tools import first_line, installed, read_text, run_tool
 
 MiB = 1 << 20
 NVIDIA_QUERY = ("index", "name", "memory.total", "memory.free", "compute_cap", "driver_version")
@@ -95,12 +94,7 @@ def nvidia_driver_present(exists: Callable[[str], bool] = os.path.exists) -> boo
 
 
 def _torch_available() -> bool:
-    if "torch" in sys.modules:
-        return True
-    try:
-        return importlib.util.find_spec("torch") is not None
-    except (ImportError, ValueError):
-        return False
+    return "torch" in sys.modules or installed("torch")
 
 
 def probe_nvidia() -> tuple[list[Device], str | None]:

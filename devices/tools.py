@@ -13,6 +13,17 @@ import subprocess
 TOOL_TIMEOUT_S = 5.0
 
 
+def installed(module: str) -> bool:
+    """Whether `module` could be imported, without importing it. A broken install, or one
+    blocked with sys.modules[name] = None, counts as not installed."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def run_tool(command: list[str], timeout: float = TOOL_TIMEOUT_S) -> tuple[str | None, str | None]:
     """Run `command` and return (stdout, None), or (None, why it gave nothing usable).
 

@@ -17,7 +17,6 @@ Why this engine is shaped the way it is:
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 import random
@@ -37,6 +36,7 @@ from hanlin.backends.base import (
 )
 from hanlin.backends.gguf.gguf_file import validate_gguf
 from hanlin.devices import Device
+from hanlin.devices.tools import installed
 
 DEFAULT_MAX_CTX = 4096  # a phone-friendly default; --ctx-size raises it up to the model's own
 
@@ -56,11 +56,7 @@ class GGUFEngine:
 
     @classmethod
     def available(cls, device: Device) -> str | None:
-        try:
-            found = importlib.util.find_spec("llama_cpp") is not None
-        except (ImportError, ValueError):  # a broken install, or blocked in sys.modules
-            found = False
-        if not found:
+        if not installed("llama_cpp"):
             return "llama-cpp-python not installed (pip install 'hanlin[gguf]')"
         if device.kind == "cpu":
             return None

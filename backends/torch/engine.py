@@ -9,7 +9,6 @@ Tokenizers, so that every engine sees the same ids:
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from typing import Any, ClassVar, Iterator, Sequence
@@ -29,16 +28,13 @@ from hanlin.backends.base import (
     stream_tokens,
 )
 from hanlin.devices import Device
+from hanlin.devices.tools import installed
 
 DEFAULT_MAX_CTX = 4096
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-def _has(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        return False
+_has = installed
 
 
 @register

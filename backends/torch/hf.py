@@ -8,7 +8,6 @@ is never trusted: an architecture transformers does not know is refused with its
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from typing import Any, ClassVar, Iterator, Sequence
 
@@ -25,6 +24,7 @@ from hanlin.backends.base import (
     stream_tokens,
 )
 from hanlin.devices import Device
+from hanlin.devices.tools import installed
 
 
 @register
@@ -40,11 +40,8 @@ class HFEngine:
     @classmethod
     def available(cls, device: Device) -> str | None:
         for mod, extra in (("torch", "torch"), ("transformers", "dev")):
-            try:
-                if importlib.util.find_spec(mod) is None:
-                    return f"{mod} not installed (pip install -c constraints.txt 'hanlin[{extra}]')"
-            except (ImportError, ValueError):
-                return f"{mod} not importable"
+            if not installed(mod):
+                return f"{mod} not installed (pip install -c constraints.txt 'hanlin[{extra}]')"
         return None
 
     @classmethod
