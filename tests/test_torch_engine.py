@@ -353,27 +353,49 @@ def test_qwen2_gguf_loads_like_its_hf_weights(tmp_path):
         assert (ours(x) - ref(x).logits).abs().max().item() < 1e-4
 
 
-def test_cpu_blas_decode_linear_matches_torch_and_stays_in_its_lane():
-    from hanlin.backends.torch import cpu_blas
+@pytest.mark.parametrize("family,tied", [("qwen2", False), ("llama", True)], ids=["qwen2-biases", "llama-tied-head"])
+def test_cpu_packed_linears_match_dense_and_unpack_exactly(tmp_path, family, tied):
+    from hanlin.backends.torch import cpu_pack
 
-    torch.manual_seed(0)
-    layer = torch.nn.Linear(64, 96, bias=True)
-    x1 = torch.randn(1, 1, 64)
-    with torch.inference_mode():
-        want = torch.nn.functional.linear(x1, layer.weight, layer.bias)
-        with cpu_blas.decode_threads():
-            assert torch.get_num_threads() == 1
-            got = cpu_blas.blas_linear(x1, layer)
-            assert cpu_blas._in_decode
-        assert not cpu_blas._in_decode
-        assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5)
-        x8 = torch.randn(8, 1, 64)
-        with cpu_blas.decode_threads():
-            assert torch.equal(cpu_blas.blas_linear(x8, layer), torch.nn.functional.linear(x8, layer.weight, layer.bias))  # batches: PyTorch
-            half = layer.to(torch.bfloat16)
-            xb = x1.to(torch.bfloat16)
-            assert torch.equal(cpu_blas.blas_linear(xb, half), torch.nn.functional.linear(xb, half.weight, half.bias))  # other dtypes: PyTorch
-    layer = layer.float()
-    with cpu_blas.decode_threads():
-        out = cpu_blas.blas_linear(x1, layer)  # autograd on: PyTorch, so gradients flow
-    assert out.requires_grad
+    if not cpu_pack.available():
+        pytest.skip("this torch build has no oneDNN linear packing")  # every x86/ARM wheel we support has it
+    _, folder = tiny_hf(family, tmp_path, tie_word_embeddings=tied)
+    model = load_hf_folder(folder)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randint(0, TINY["vocab_size"], (3, 17))
+    prompts = [[1, 2, 3], [9, 8, 7, 6, 5, 4, 3, 2], [42]]
+    cfg = GenerationConfig(temperature=0, repeat_penalty=1.0, max_tokens=10)
+    with torch.no_grad():
+        dense = model(x)
+    dense_gen = generate_batch(model, prompts, cfg, 10)
+
+    assert cpu_pack.pack_linears(model) == 7 * TINY["num_hidden_layers"] + 1
+    assert cpu_pack.pack_linears(model) == 0  # idempotent
+    attn = model.layers[0].self_attn
+    assert attn.cpu_packed.sizes == [64, 32, 32] and model.layers[0].mlp.cpu_packed.sizes == [96, 96]  # q/k/v and gate/up fused
+    assert attn.q_proj.weight.numel() == 0  # the dense copy is released...
+    assert model.lm_head.weight.numel() == (TINY["vocab_size"] * 64 if tied else 0)  # ...unless the embedding shares it
+    with torch.no_grad():
+        packed = model(x)
+    assert (packed - dense).abs().max().item() < 1e-4
+    assert generate_batch(model, prompts, cfg, 10) == dense_gen
+    with pytest.raises(RuntimeError, match="unpack_linears"):
+        model(x[:, :4]).sum().backward()  # training a packed model is refused by name
+    with pytest.raises(RuntimeError, match="unpack_linears"):
+        cpu_pack.packed_linear(torch.randn(1, 64), attn.k_proj)  # a member of a fused group alone
+
+    cpu_pack.unpack_linears(model)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # bit-exact
+    assert model.lm_head.weight is model.embed_tokens.weight if tied else True
+    loss = model(x).logsumexp(-1).mean()
+    loss.backward()
+    assert attn.q_proj.weight.grad is not None and attn.q_proj.weight.grad.abs().sum() > 0
+
+
+def test_the_cpu_engine_runs_on_packed_weights(native):
+    from hanlin.backends.torch import cpu_pack
+
+    if not cpu_pack.available():
+        pytest.skip("this torch build has no oneDNN linear packing")
+    assert native.engine.packed_linears == 7 * native.engine.model.config.n_layers + 1

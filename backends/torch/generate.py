@@ -140,14 +140,6 @@ class CompiledDecode:
         return decode_step(model, cache, tokens, pos)
 
 
-def cpu_blas_decode(model: Transformer, cache: KVCache, tokens: torch.Tensor, pos: int) -> torch.Tensor:
-    """decode_step with PyTorch single-threaded, for the CPU BLAS linear (see cpu_blas.py)."""
-    from hanlin.backends.torch.cpu_blas import decode_threads
-
-    with decode_threads():
-        return decode_step(model, cache, tokens, pos)
-
-
 def generate_one(model: Transformer, cache: KVCache, prompt: Sequence[int], config: GenerationConfig, max_new: int, step=None) -> Iterator[RawStep]:
     """Stream tokens for one prompt, reusing the longest cached prefix of the last call.
     step: the decode function (decode_step, or a CompiledDecode)."""
@@ -202,9 +194,9 @@ def generate_batch(model: Transformer, prompts: Sequence[Sequence[int]], config:
     eos = torch.tensor(sorted(eos_ids) or [-1], device=device)
     for step in range(max_new):
         ids, _ = sample(apply_repeat_penalty(logits, history, config.repeat_penalty), config, gen)
-        for b in range(B):
-            if not done[b]:
-                out[b].append(int(ids[b]))
+        for seq, tok, finished in zip(out, ids.tolist(), done.tolist()):
+            if not finished:
+                seq.append(tok)
         done |= torch.isin(ids, eos)
         if bool(done.all()) or step + 1 >= max_new:
             break

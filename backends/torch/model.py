@@ -8,7 +8,7 @@ The families differ only in data, not in code paths:
 - internlm2: the same math; its checkpoints pack q/k/v into one `wqkv` and use their own
   names, which weights.py unpacks into this layout.
 
-The linear layers, norm, rope, attention and MLP go through `OPS`, a small table keyed by op name and
+The linear layers, q/k/v projection, norm, rope, attention and MLP go through `OPS`, a small table keyed by op name and
 device kind: a device backend (nvidia/ Triton, ascend/ torch_npu fused ops) calls
 `register_op("rms_norm", "cuda", fn)` and the model uses it on that device, unchanged.
 
@@ -97,18 +97,26 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 
 
 def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
-    # x: (..., in) -> (..., out). A device may swap in a faster kernel for some shapes (the CPU
-    # does, for single-token decode: see cpu_blas.py).
+    # x: (..., in) -> (..., out). A device may swap in a faster kernel (the CPU inference
+    # engine does: weights pre-packed for oneDNN, see cpu_pack.py).
     return F.linear(x, layer.weight, layer.bias)
 
 
-def swiglu(x: torch.Tensor, w_gate: nn.Linear, w_up: nn.Linear, w_down: nn.Linear) -> torch.Tensor:
+def qkv_proj(x: torch.Tensor, attn: "Attention") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # x: (B, T, C) -> q (B, T, H*D), k and v (B, T, K*D). One op, so a device can run the three
+    # projections as one fused matrix (the CPU inference engine does: see cpu_pack.py).
+    lin = op("linear", x.device)
+    return lin(x, attn.q_proj), lin(x, attn.k_proj), lin(x, attn.v_proj)
+
+
+def swiglu(x: torch.Tensor, mlp: "MLP") -> torch.Tensor:
     # x: (B, T, C) -> (B, T, F) -> (B, T, C)
     lin = op("linear", x.device)
-    return lin(F.silu(lin(x, w_gate)) * lin(x, w_up), w_down)
+    return lin(F.silu(lin(x, mlp.gate_proj)) * lin(x, mlp.up_proj), mlp.down_proj)
 
 
 register_op("linear", "any", linear)
+register_op("qkv", "any", qkv_proj)
 register_op("rms_norm", "any", rms_norm)
 register_op("rope", "any", apply_rope)
 register_op("attention", "any", attention)
@@ -180,10 +188,10 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, mask, cache=None, cache_pos=None, kv_len=None):
         # x: (B, T, C)
         B, T, _ = x.shape
-        lin = op("linear", x.device)
-        q = lin(x, self.q_proj).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = lin(x, self.k_proj).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
-        v = lin(x, self.v_proj).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        q, k, v = op("qkv", x.device)(x, self)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
         rope = op("rope", x.device)
         q, k = rope(q, cos, sin), rope(k, cos, sin)
         if cache is not None:
@@ -194,7 +202,7 @@ class Attention(nn.Module):
             v_cache[:, :, cache_pos] = v
             k, v = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]  # (B, K, S, D)
         out = op("attention", x.device)(q, k, v, mask)  # (B, H, T, D)
-        return lin(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim), self.o_proj)
+        return op("linear", x.device)(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim), self.o_proj)
 
 
 class MLP(nn.Module):
@@ -205,7 +213,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return op("mlp", x.device)(x, self.gate_proj, self.up_proj, self.down_proj)
+        return op("mlp", x.device)(x, self)
 
 
 class Block(nn.Module):
