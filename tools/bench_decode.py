@@ -14,7 +14,9 @@ Two parts, printed as one JSON object:
    where the CPU has it), transformers `generate` float32 on the same GGUF dequantized, and
    hanlin torch float32 decoding 8 sequences at once (aggregate tokens/s over the whole
    batch call, prefill included: a conservative figure). Targets: torch float32 >= 2x
-   transformers, batch-8 aggregate >= 4x torch float32 single.
+   transformers, batch-8 aggregate >= 4x torch float32 single. Where an NVIDIA GPU is at
+   hand, the same rows in bfloat16 on CUDA (torch, transformers, torch batch of 8), with the
+   GPU's peak allocated memory.
 
 All rows decode greedily with repeat_penalty 1.0, so they produce the same kind of work.
 """
@@ -42,7 +44,9 @@ BATCH_PROMPTS = [
     "Write a travel guide for a small mountain village.",
     "Explain what makes bread rise, and how bakers control it.",
 ]
-ROWS = ["llama_cpp", "torch_float32", "torch_bfloat16", "transformers_float32", "torch_float32_batch8"]
+ROWS = ["llama_cpp", "torch_float32", "torch_bfloat16", "transformers_float32", "torch_float32_batch8",
+        "torch_cuda_bfloat16", "transformers_cuda_bfloat16", "torch_cuda_bfloat16_batch8"]  # fmt: skip
+CUDA_ROWS = [r for r in ROWS if "_cuda_" in r]  # run where an NVIDIA GPU is at hand, reported as skipped elsewhere
 
 
 def peak_rss_mb() -> float:
@@ -131,12 +135,13 @@ def sdk_overhead(model: str, tokens: int, runs: int, threads: int | None, ctx: i
 def run_row(row: str, model: str, tokens: int, runs: int, ctx: int) -> dict:
     import hanlin
 
-    if row == "transformers_float32":
-        return transformers_row(model, tokens, runs)
+    device = "cuda" if "_cuda_" in row else "cpu"
+    if row.startswith("transformers_"):
+        return transformers_row(model, tokens, runs, device)
     engine = "gguf" if row == "llama_cpp" else "torch"
     opts = {} if engine == "gguf" else {"dtype": "bfloat16" if "bfloat16" in row else "float32"}
     t0 = time.perf_counter()
-    llm = hanlin.load(model, device="cpu", engine=engine, ctx_size=ctx, pull_missing=True, **opts)
+    llm = hanlin.load(model, device=device, engine=engine, ctx_size=ctx, pull_missing=True, **opts)
     load_s = time.perf_counter() - t0
     if row.endswith("batch8"):
         return batch_row(llm, tokens, runs, load_s)
@@ -167,7 +172,7 @@ def batch_row(llm, tokens: int, runs: int, load_s: float) -> dict:
             "note": "aggregate over 8 sequences, prefill included"}  # fmt: skip
 
 
-def transformers_row(model: str, tokens: int, runs: int) -> dict:
+def transformers_row(model: str, tokens: int, runs: int, device: str) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -176,10 +181,11 @@ def transformers_row(model: str, tokens: int, runs: int) -> dict:
     path = hanlin.resolve(model).path
     folder, name = os.path.split(path)
     t0 = time.perf_counter()
-    hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype).eval().to(device)
     load_s = time.perf_counter() - t0
     llm = hanlin.load(path, device="cpu", engine="gguf")
-    ids = torch.tensor([llm.chat_ids([{"role": "user", "content": PROMPT}])])
+    ids = torch.tensor([llm.chat_ids([{"role": "user", "content": PROMPT}])], device=device)
     llm.close()
     kw = dict(do_sample=False, repetition_penalty=1.0, pad_token_id=0)
 
@@ -187,6 +193,8 @@ def transformers_row(model: str, tokens: int, runs: int) -> dict:
         t = time.perf_counter()
         with torch.inference_mode():
             hf.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+        if device == "cuda":
+            torch.cuda.synchronize()
         return time.perf_counter() - t
 
     timed(8)
@@ -213,6 +221,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.row:
         out = run_row(args.row, args.model, args.tokens, args.runs, args.ctx_size)
         out["peak_rss_mb"] = round(peak_rss_mb(), 1)
+        if "_cuda_" in args.row:
+            import torch
+
+            out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         print(json.dumps(out))
         return 0
 
@@ -235,6 +247,14 @@ def main(argv: list[str] | None = None) -> int:
         if "bfloat16" not in get_device("cpu").dtypes:
             result["rows"]["torch_bfloat16"] = {"skipped": "this CPU has no bfloat16 support"}
             rows.remove("torch_bfloat16")
+    if any(r in rows for r in CUDA_ROWS):
+        from hanlin.devices import detect
+
+        report = detect()
+        if not any(d.kind == "cuda" for d in report.devices):
+            for r in [r for r in rows if r in CUDA_ROWS]:
+                result["rows"][r] = {"skipped": f"no NVIDIA GPU: {report.notes.get('cuda', 'none found')}"}
+                rows.remove(r)
     # Rows take turns, one run each per round, so drift in machine load hits every row alike.
     samples: dict[str, list[dict]] = {row: [] for row in rows}
     for _ in range(args.runs):
@@ -255,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
         out["tok_s"] = round(statistics.median(x["tok_s"] for x in ok), 2)
         out["tok_s_all"] = [x["tok_s"] for x in ok]
         out["peak_rss_mb"] = max(x["peak_rss_mb"] for x in ok)
+        if "peak_gpu_mb" in out:
+            out["peak_gpu_mb"] = max(x["peak_gpu_mb"] for x in ok)
         result["rows"][row] = out
     r = result["rows"]
 
