@@ -92,7 +92,25 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("name", help="catalogue name (see `hanlin models`)")
     pl.add_argument("--force", action="store_true", help="download again even if the model is here")
     pl.set_defaults(func=cmd_pull)
+
+    sv = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API",
+                        description="Serve a model over an OpenAI-compatible API (FastAPI + uvicorn) on 127.0.0.1:8000 by default. "
+                        "Every flag is also an environment variable: --max-concurrent is HANLIN_SERVE_MAX_CONCURRENT.")  # fmt: skip
+    _serve_args(sv)
+    sv.set_defaults(func=cmd_serve)
     return p
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    """One flag per ServerSettings field, so flags and environment variables never drift."""
+    try:
+        from hanlin.apps.server.settings import ServerSettings
+    except ImportError:  # the serve extra is not installed: cmd_serve says so
+        return
+    for name, field in ServerSettings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        env = "HANLIN_SERVE_" + name.upper()
+        p.add_argument(flag, dest=f"serve_{name}", default=None, metavar=name.upper(), help=f"{field.description} [env {env}]")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -186,6 +204,28 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
     pull(args.name, force=args.force)
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from pydantic import ValidationError
+
+        from hanlin.apps.server.app import serve
+        from hanlin.apps.server.settings import ServerSettings
+    except ImportError as e:
+        raise _UsageError(f"serving needs the serve extra ({e.name} is missing): pip install -c constraints.txt -e '.[serve]'") from None
+    given = {k[len("serve_"):]: v for k, v in vars(args).items() if k.startswith("serve_") and v is not None}
+    try:
+        settings = ServerSettings(**{k: _split(k, v) for k, v in given.items()})
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise _UsageError(f"--{'-'.join(str(x) for x in first['loc']).replace('_', '-')}: {first['msg']}") from None
+    serve(settings)
+    return 0
+
+
+def _split(name: str, value: str):
+    return [v.strip() for v in value.split(",") if v.strip()] if name in ("api_keys", "cors_origins") else value
 
 
 def cmd_perplexity(args: argparse.Namespace) -> int:

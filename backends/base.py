@@ -20,6 +20,8 @@ Nothing here imports a vendor library.
 
 from __future__ import annotations
 
+import json
+
 import codecs
 import importlib
 import math
@@ -109,6 +111,9 @@ class GenerationConfig:
     seed: int | None = None  # None: a fresh random seed per call
     stop: tuple[str, ...] = ()
     logprobs: bool = False  # fill TokenEvent.logprob (costs a softmax per token)
+    # Constrained decoding: the output must be JSON valid against this JSON Schema, given as
+    # JSON text (text keeps the config hashable). '{"type": "object"}' asks for any JSON object.
+    json_schema: str | None = None
 
     def __post_init__(self) -> None:
         # Accept a list or a single string for stop; store a tuple so the config stays hashable.
@@ -139,6 +144,13 @@ class GenerationConfig:
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise bad("stop", s, "stop strings must be non-empty strings")
+        if self.json_schema is not None:
+            try:
+                schema = json.loads(self.json_schema)
+            except (TypeError, ValueError) as e:
+                raise bad("json_schema", self.json_schema, f"it must be a JSON Schema as JSON text ({e})") from None
+            if not isinstance(schema, (dict, bool)):
+                raise bad("json_schema", self.json_schema, "a JSON Schema is a JSON object (or true/false)")
 
     @property
     def greedy(self) -> bool:
@@ -172,6 +184,7 @@ class TokenEvent:
     token_id: int | None
     logprob: float | None = None
     finish_reason: str | None = None
+    top_logprobs: tuple[tuple[int, float], ...] = ()  # the most likely (id, logprob) at this step, when asked for
 
 
 @dataclass(frozen=True)
@@ -180,6 +193,7 @@ class RawToken:
 
     token_id: int
     logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -437,7 +451,21 @@ def apply_stops(
     config: GenerationConfig,
     room: int,
 ) -> Iterator[TokenEvent]:
-    """Turn raw sampled tokens into TokenEvents with one shared stop policy.
+    """Turn raw sampled tokens into TokenEvents with one shared stop policy (StopPolicy)."""
+    policy = StopPolicy(token_bytes=token_bytes, eos_ids=eos_ids, config=config, room=room)
+    if policy.limit <= 0:
+        yield TokenEvent("", None, None, "length")
+        return
+    for tok in raw:
+        event = policy.feed(tok)
+        yield event
+        if event.finish_reason:
+            return
+    yield policy.end()  # the engine ran out of tokens without a reason of its own (its context filled up)
+
+
+class StopPolicy:
+    """The shared stop policy, fed one raw token at a time (a server feeds it as tokens arrive).
 
     - EOS ids end generation (finish "stop"); the EOS token's text is not emitted.
     - Stop strings end generation (finish "stop") even when they span token boundaries: text
@@ -446,37 +474,38 @@ def apply_stops(
     - max_tokens, or `room` (tokens left in the context window), ends it with "length".
     - Bytes are decoded incrementally, so a character split over tokens comes out whole.
     """
-    eos = frozenset(eos_ids)
-    stops = config.stop
-    limit = room if config.max_tokens is None else min(config.max_tokens, room)
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    pending = ""  # decoded text not yet released (may be the start of a stop string)
-    n = 0
-    if limit <= 0:
-        yield TokenEvent("", None, None, "length")
-        return
-    for tok in raw:
-        n += 1
-        if tok.token_id in eos:
-            tail = pending + decoder.decode(b"", final=True)
-            yield TokenEvent(tail, tok.token_id, tok.logprob, "stop")
-            return
-        pending += decoder.decode(token_bytes(tok.token_id))
-        if stops:
-            cut = _find_stop(pending, stops)
+
+    def __init__(self, *, token_bytes, eos_ids: Iterable[int], config: GenerationConfig, room: int):
+        self.token_bytes = token_bytes
+        self.eos = frozenset(eos_ids)
+        self.stops = config.stop
+        self.limit = room if config.max_tokens is None else min(config.max_tokens, room)
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.pending = ""  # decoded text not yet released (may be the start of a stop string)
+        self.n = 0
+
+    def feed(self, tok: RawToken) -> TokenEvent:
+        """The event for one more token; its finish_reason is set when generation ends here."""
+        self.n += 1
+        if tok.token_id in self.eos:
+            tail = self.pending + self.decoder.decode(b"", final=True)
+            return TokenEvent(tail, tok.token_id, tok.logprob, "stop", tok.top_logprobs)
+        self.pending += self.decoder.decode(self.token_bytes(tok.token_id))
+        if self.stops:
+            cut = _find_stop(self.pending, self.stops)
             if cut is not None:
-                yield TokenEvent(pending[:cut], tok.token_id, tok.logprob, "stop")
-                return
-            keep = _held_back(pending, stops)
-            out, pending = pending[: len(pending) - keep], pending[len(pending) - keep :]
+                return TokenEvent(self.pending[:cut], tok.token_id, tok.logprob, "stop", tok.top_logprobs)
+            keep = _held_back(self.pending, self.stops)
+            out, self.pending = self.pending[: len(self.pending) - keep], self.pending[len(self.pending) - keep :]
         else:
-            out, pending = pending, ""
-        if n >= limit:
-            yield TokenEvent(out + pending + decoder.decode(b"", final=True), tok.token_id, tok.logprob, "length")
-            return
-        yield TokenEvent(out, tok.token_id, tok.logprob, None)
-    # The engine ran out of tokens without a reason of its own (its context filled up).
-    yield TokenEvent(pending + decoder.decode(b"", final=True), None, None, "length")
+            out, self.pending = self.pending, ""
+        if self.n >= self.limit:
+            return TokenEvent(out + self.pending + self.decoder.decode(b"", final=True), tok.token_id, tok.logprob, "length", tok.top_logprobs)
+        return TokenEvent(out, tok.token_id, tok.logprob, None, tok.top_logprobs)
+
+    def end(self) -> TokenEvent:
+        """The last event when the tokens ran out before a stop (the context filled up)."""
+        return TokenEvent(self.pending + self.decoder.decode(b"", final=True), None, None, "length")
 
 
 def loglikelihood(engine: Any, context: Sequence[int], continuation: Sequence[int]) -> tuple[float, bool]:

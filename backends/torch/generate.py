@@ -81,20 +81,22 @@ def sample(logits: torch.Tensor, config: GenerationConfig, generator: torch.Gene
     if config.greedy:
         ids = logits.argmax(dim=-1)
         return ids, logprobs.gather(1, ids[:, None])[:, 0]
-    x = logits.clone()
+    x, idx = logits, None  # x: (B, N) candidates; idx: their token ids when N < V
     if config.top_k > 0 and config.top_k < x.shape[-1]:
-        kth = torch.topk(x, config.top_k, dim=-1).values[:, -1:]
-        x = x.masked_fill(x < kth, float("-inf"))
+        x, idx = torch.topk(x, config.top_k, dim=-1)  # (B, k), sorted: the rest works on k, not V
     if config.top_p < 1.0:
-        sorted_x, order = torch.sort(x, dim=-1, descending=True)
+        sorted_x, order = (x, None) if idx is not None else torch.sort(x, dim=-1, descending=True)
         probs = torch.softmax(sorted_x, dim=-1)
         drop = probs.cumsum(-1) - probs > config.top_p  # keep the smallest set reaching top_p
-        x = x.scatter(1, order, sorted_x.masked_fill(drop, float("-inf")))
+        sorted_x = sorted_x.masked_fill(drop, float("-inf"))
+        x = sorted_x if order is None else x.scatter(1, order, sorted_x)
     if config.min_p > 0.0:
         probs = torch.softmax(x, dim=-1)
         x = x.masked_fill(probs < config.min_p * probs.max(dim=-1, keepdim=True).values, float("-inf"))
     probs = torch.softmax(x / config.temperature, dim=-1)
     ids = torch.multinomial(probs, 1, generator=generator)[:, 0]
+    if idx is not None:
+        ids = idx.gather(1, ids[:, None])[:, 0]
     return ids, logprobs.gather(1, ids[:, None])[:, 0]
 
 

@@ -195,11 +195,17 @@ class Attention(nn.Module):
         rope = op("rope", x.device)
         q, k = rope(q, cos, sin), rope(k, cos, sin)
         if cache is not None:
-            # static cache: write the new keys/values at slots cache_pos (T,), then attend over
-            # the first kv_len slots (everything written so far)
+            # static cache: write the new keys/values at slots cache_pos, then attend over the
+            # first kv_len slots (everything written so far). cache_pos is (T,), the same slots
+            # for every row, or (B,) with T == 1: each row at its own length (continuous batching).
             k_cache, v_cache = cache  # (B, K, S_max, D) each
-            k_cache[:, :, cache_pos] = k
-            v_cache[:, :, cache_pos] = v
+            if cache_pos.dim() == 1 and cache_pos.shape[0] == T:
+                k_cache[:, :, cache_pos] = k
+                v_cache[:, :, cache_pos] = v
+            else:
+                rows = torch.arange(B, device=x.device)
+                k_cache[rows, :, cache_pos] = k[:, :, 0]  # (B, K, D) into row b's slot cache_pos[b]
+                v_cache[rows, :, cache_pos] = v[:, :, 0]
             k, v = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]  # (B, K, S, D)
         out = op("attention", x.device)(q, k, v, mask)  # (B, H, T, D)
         return op("linear", x.device)(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim), self.o_proj)
@@ -251,7 +257,7 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,  # (B, T); default 0..T-1
         mask: torch.Tensor | None = None,  # (B, 1, T, S) bool; None = causal over T
         caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
-        cache_pos: torch.Tensor | None = None,  # (T,) slots the new tokens are written to
+        cache_pos: torch.Tensor | None = None,  # (T,) slots the new tokens are written to; (B,) per row when T == 1
         kv_len: int | None = None,  # slots in use after this step (attention reads [0, kv_len))
         last_only: bool = False,  # logits for the last position only (decode, sampling)
     ) -> torch.Tensor:

@@ -1,0 +1,176 @@
+"""What chat and completions share: request settings -> GenerationConfig, a choice's tokens
+from the scheduler through the shared stop policy, and the OpenAI logprobs shapes."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Sequence
+
+from hanlin.apps.server.errors import APIError
+from hanlin.apps.server.scheduler import QueueFull
+from hanlin.backends.base import GenerationConfig, StopPolicy, TokenEvent, check_prompt_fits
+
+MAX_N = 16
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def config_for(state: Any, req: Any, *, json_schema: str | None = None) -> GenerationConfig:
+    """The request's sampling settings over the model's defaults; max_tokens capped by the
+    server's max_tokens_cap. Settings OpenAI has and hanlin has not (presence/frequency
+    penalties, logit_bias) are accepted and ignored, as most local servers do."""
+    base: GenerationConfig = state.default_config
+    changes: dict[str, Any] = {"max_tokens": min(req.requested_max_tokens() or state.settings.max_tokens_cap, state.settings.max_tokens_cap)}
+    if req.temperature is not None:
+        changes["temperature"] = req.temperature
+    if req.top_p is not None:
+        changes["top_p"] = req.top_p
+    if req.seed is not None:
+        changes["seed"] = req.seed
+    stop = req.stop if isinstance(req.stop, list) else [req.stop] if req.stop else []
+    changes["stop"] = tuple(stop)
+    changes["json_schema"] = json_schema
+    return base.updated(**changes)
+
+
+@dataclass
+class ChoiceResult:
+    index: int
+    text: str = ""
+    finish_reason: str | None = None
+    events: list[TokenEvent] = field(default_factory=list)
+
+
+async def stream_choice(state: Any, prompt_ids: Sequence[int], config: GenerationConfig, top_logprobs: int = 0) -> AsyncIterator[TokenEvent]:
+    """One choice's TokenEvents as the scheduler produces them; the last has finish_reason.
+    Leaving early (a stop string, a client gone) frees the request's slot."""
+    engine = state.llm.engine
+    check_prompt_fits(len(prompt_ids), engine.context_length, config)
+    room = engine.context_length - len(prompt_ids)
+    max_new = min(config.max_tokens or room, room)
+    try:
+        ticket = state.scheduler.submit(prompt_ids, config, max_new, top_logprobs, loop=asyncio.get_running_loop())
+    except QueueFull as e:
+        raise APIError(429, str(e), type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from None
+    state.metrics.prompt_tokens.inc(len(prompt_ids))
+    policy = StopPolicy(token_bytes=engine.token_bytes, eos_ids=engine.eos_token_ids, config=config, room=room)
+    deadline = time.monotonic() + state.settings.request_timeout
+    try:
+        while True:
+            try:
+                item = await asyncio.wait_for(ticket.aout.get(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                yield TokenEvent(policy.pending, None, None, "length")  # request_timeout: cut off
+                return
+            if item is None:
+                yield policy.end()
+                return
+            if isinstance(item, BaseException):
+                raise item
+            state.metrics.generation_tokens.inc()
+            event = policy.feed(item)
+            yield event
+            if event.finish_reason:
+                return
+    finally:
+        ticket.cancel()  # a no-op for a request that ended; frees the slot of one that did not
+
+
+async def run_choices(state: Any, prompt_ids: Sequence[int], config: GenerationConfig, n: int, top_logprobs: int = 0) -> list[ChoiceResult]:
+    """n choices at once (each its own request in the batch; seeded choices get seed + index)."""
+
+    async def one(i: int) -> ChoiceResult:
+        cfg = config if config.seed is None or i == 0 else config.updated(seed=config.seed + i)
+        out = ChoiceResult(i)
+        async for ev in stream_choice(state, prompt_ids, cfg, top_logprobs):
+            out.text += ev.text
+            out.events.append(ev)
+            out.finish_reason = ev.finish_reason
+        return out
+
+    return list(await asyncio.gather(*(one(i) for i in range(n))))
+
+
+async def merged_streams(state: Any, prompt_ids: Sequence[int], config: GenerationConfig, n: int, top_logprobs: int = 0) -> AsyncIterator[tuple[int, TokenEvent]]:
+    """(choice index, event) for n choices streamed together, in the order tokens arrive."""
+    if n == 1:
+        async for ev in stream_choice(state, prompt_ids, config, top_logprobs):
+            yield 0, ev
+        return
+    merged: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int) -> None:
+        cfg = config if config.seed is None or i == 0 else config.updated(seed=config.seed + i)
+        try:
+            async for ev in stream_choice(state, prompt_ids, cfg, top_logprobs):
+                await merged.put((i, ev))
+        except BaseException as e:  # noqa: BLE001  (handed to the reader, which re-raises)
+            await merged.put((i, e))
+            return
+
+    tasks = [asyncio.create_task(pump(i)) for i in range(n)]
+    try:
+        done = 0
+        while done < n:
+            i, ev = await merged.get()
+            if isinstance(ev, BaseException):
+                raise ev
+            yield i, ev
+            if ev.finish_reason:
+                done += 1
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+def token_text(engine: Any, token_id: int | None) -> tuple[str, list[int]]:
+    raw = engine.token_bytes(token_id) if token_id is not None else b""
+    return raw.decode("utf-8", "replace"), list(raw)
+
+
+def chat_logprobs(engine: Any, events: Sequence[TokenEvent]) -> dict[str, Any]:
+    """OpenAI chat shape: {"content": [{token, logprob, bytes, top_logprobs: [...]}]}."""
+    content = []
+    for ev in events:
+        if ev.token_id is None or ev.token_id in engine.eos_token_ids:
+            continue
+        text, raw = token_text(engine, ev.token_id)
+        top = []
+        for tid, lp in ev.top_logprobs:
+            t, b = token_text(engine, tid)
+            top.append({"token": t, "logprob": lp, "bytes": b})
+        content.append({"token": text, "logprob": ev.logprob, "bytes": raw, "top_logprobs": top})
+    return {"content": content}
+
+
+def completion_logprobs(engine: Any, events: Sequence[TokenEvent], offset: int = 0) -> dict[str, Any]:
+    """OpenAI legacy completions shape: parallel lists, top_logprobs as {token: logprob}."""
+    tokens, lps, tops, offsets = [], [], [], []
+    pos = offset
+    for ev in events:
+        if ev.token_id is None or ev.token_id in engine.eos_token_ids:
+            continue
+        text, _ = token_text(engine, ev.token_id)
+        tokens.append(text)
+        lps.append(ev.logprob)
+        tops.append({token_text(engine, tid)[0]: lp for tid, lp in ev.top_logprobs})
+        offsets.append(pos)
+        pos += len(text)
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+
+
+def count_tokens(events: Sequence[TokenEvent]) -> int:
+    return sum(1 for ev in events if ev.token_id is not None)

@@ -1,0 +1,263 @@
+"""The scheduler: one thread owns the model and serves every request through it.
+
+Requests wait in a bounded queue (`submit` refuses with QueueFull instead of accepting work it
+cannot hold). Two ways to run them, chosen by what the engine can do:
+
+- continuous batching (the native torch engine): requests join the running batch between
+  decode steps, each in a KV-cache slot of `SlotBatch`, and leave it when they end or their
+  client goes away (`Ticket.cancel`, honoured before the next step). Sampling is per request,
+  with its own settings, seed and JSON-schema constraint.
+- one at a time (any other engine): the engine's own `generate`, request after request.
+
+The HTTP side never touches the model: a request's tokens come back through its `Ticket`, a
+thread-safe queue that the endpoint reads (`RawToken`s, then None at the end, or an
+exception). The shared stop policy (base.apply_stops) runs on the endpoint side.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+from hanlin.backends.base import GenerationConfig, RawToken
+
+log = logging.getLogger("hanlin.server")
+PENALTY_LAST_N = 64
+
+
+class QueueFull(Exception):
+    """The wait queue holds as many requests as it may; the client should retry later."""
+
+
+@dataclass
+class Ticket:
+    """One request in the scheduler: its inputs, and the queue its tokens come back through."""
+
+    prompt_ids: list[int]
+    config: GenerationConfig
+    max_new: int
+    top_logprobs: int = 0
+    out: queue.Queue = field(default_factory=queue.Queue)  # RawToken ..., then None (or an exception)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+
+    loop: Any = None  # an asyncio loop: tokens are then delivered to `aout` on it (the HTTP side)
+    aout: Any = None  # asyncio.Queue, when loop is set
+
+    def deliver(self, item: Any) -> None:
+        """From the scheduler thread: a RawToken, None (the end) or an exception."""
+        if self.loop is None:
+            self.out.put(item)
+            return
+        try:
+            self.loop.call_soon_threadsafe(self.aout.put_nowait, item)
+        except RuntimeError:  # the loop has closed (server shutting down): nobody is listening
+            self.cancelled.set()
+
+    def cancel(self) -> None:
+        """The client is gone or has what it needs: free the slot at the next step."""
+        self.cancelled.set()
+        self.out.put(None)  # wake a reader blocked on the queue
+
+    def tokens(self, timeout: float | None = None) -> Iterator[RawToken]:
+        """The tokens as they come (blocking); ends at the end of generation."""
+        while True:
+            item = self.out.get(timeout=timeout)
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+
+class Scheduler:
+    def __init__(self, engine: Any, *, max_batch: int, queue_size: int, metrics: Any = None):
+        self.engine = engine
+        self.max_batch = max_batch
+        self.metrics = metrics
+        self.waiting: queue.Queue[Ticket] = queue.Queue(maxsize=queue_size)
+        self.batching = _can_batch(engine)
+        self.running: dict[int, _Running] = {}  # slot -> request (batching mode)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="hanlin-scheduler", daemon=True)
+        self._batch = None
+        if self.batching:
+            from hanlin.backends.torch.batching import SlotBatch
+
+            self._batch = SlotBatch(engine.model, max_batch, engine.context_length)
+        self._grammars = None
+
+    # ---- the HTTP side ----------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def submit(self, prompt_ids: Sequence[int], config: GenerationConfig, max_new: int, top_logprobs: int = 0, loop: Any = None) -> Ticket:
+        """Queue a request (from any thread); with an asyncio loop, its tokens arrive on
+        ticket.aout in that loop. Raises QueueFull rather than accept work it cannot hold."""
+        ticket = Ticket(list(prompt_ids), config, max_new, top_logprobs)
+        if loop is not None:
+            import asyncio
+
+            ticket.loop, ticket.aout = loop, asyncio.Queue()
+        try:
+            self.waiting.put_nowait(ticket)
+        except queue.Full:
+            raise QueueFull(f"the server is at capacity ({self.max_batch} running, {self.waiting.maxsize} waiting)") from None
+        self._gauge()
+        return ticket
+
+    def stats(self) -> dict[str, int]:
+        return {"running": len(self.running), "waiting": self.waiting.qsize(), "slots": self.max_batch}
+
+    # ---- the model side (the scheduler thread) -------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if self.batching:
+                    self._batch_round()
+                else:
+                    self._serial_round()
+            except Exception as e:  # a bug must not kill the thread silently: fail the requests it held
+                log.exception("scheduler step failed")
+                for run in list(self.running.values()):
+                    self._finish(run, e)
+
+    def _serial_round(self) -> None:
+        try:
+            ticket = self.waiting.get(timeout=0.1)
+        except queue.Empty:
+            return
+        self._gauge()
+        if ticket.cancelled.is_set():
+            return
+        self.running[0] = run = _Running(ticket, slot=0)
+        self._gauge()
+        try:
+            for event in self.engine.generate(ticket.prompt_ids, ticket.config.updated(max_tokens=ticket.max_new, stop=())):
+                if ticket.cancelled.is_set():
+                    break
+                if event.token_id is not None:
+                    self._emit(run, RawToken(event.token_id, event.logprob))
+            self._finish(run)
+        except Exception as e:
+            self._finish(run, e)
+
+    def _batch_round(self) -> None:
+        import torch
+
+        from hanlin.backends.torch.generate import apply_repeat_penalty, make_generator, sample
+
+        for run in [r for r in self.running.values() if r.ticket.cancelled.is_set()]:
+            self._finish(run)  # a client that went away frees its slot before this step
+        # admit waiting requests into free slots (each prefilled alone into its row)
+        while self._batch.free_slots():
+            try:
+                ticket = self.waiting.get(timeout=0.1 if not self.running else 0)
+            except queue.Empty:
+                break
+            if ticket.cancelled.is_set():
+                continue
+            slot, logits = self._batch.admit(ticket.prompt_ids)
+            run = _Running(ticket, slot)
+            run.generator = make_generator(ticket.config.seed, logits.device)
+            run.history = torch.tensor([ticket.prompt_ids[-PENALTY_LAST_N:]], device=logits.device)
+            run.constraint = self._constraint(ticket.config)
+            self.running[slot] = run
+            self._gauge()
+            self._sample_and_emit(run, logits, sample, apply_repeat_penalty)
+        self._gauge()
+        if not self.running:
+            return
+        feed = {slot: run.last for slot, run in self.running.items()}
+        with torch.inference_mode():
+            logits = self._batch.step(feed)
+            for slot, row in logits.items():
+                self._sample_and_emit(self.running[slot], row, sample, apply_repeat_penalty)
+
+    def _sample_and_emit(self, run: "_Running", logits, sample, apply_repeat_penalty) -> None:
+        import torch
+
+        cfg = run.ticket.config
+        logits = logits[None].float()  # (1, V)
+        if run.constraint is not None:
+            run.constraint.mask_(logits)
+        ids, lps = sample(apply_repeat_penalty(logits, run.history, cfg.repeat_penalty), cfg, run.generator)
+        tok = int(ids[0])
+        top: tuple[tuple[int, float], ...] = ()
+        if run.ticket.top_logprobs:
+            values, idx = torch.log_softmax(logits, dim=-1)[0].topk(run.ticket.top_logprobs)
+            top = tuple(zip(idx.tolist(), values.tolist()))
+        run.last = tok
+        run.history = torch.cat([run.history, ids[:, None]], dim=1)[:, -PENALTY_LAST_N:]
+        self._emit(run, RawToken(tok, float(lps[0]), top))
+        if run.constraint is not None:
+            run.constraint.accept(tok)
+        done = tok in self.engine.eos_token_ids or run.produced >= run.ticket.max_new or self._batch.room(run.slot) <= 0
+        if run.constraint is not None and run.constraint.is_done and not done:
+            self._emit(run, RawToken(min(self.engine.eos_token_ids), 0.0))  # the JSON is complete: end as at EOS
+            done = True
+        if done:
+            self._finish(run)
+
+    def _constraint(self, config: GenerationConfig):
+        if config.json_schema is None:
+            return None
+        if self._grammars is None:
+            from hanlin.backends.torch.constrain import GrammarCompiler
+
+            self._grammars = GrammarCompiler(self.engine)
+        return self._grammars.constraint(config.json_schema)
+
+    def _emit(self, run: "_Running", tok: RawToken) -> None:
+        now = time.perf_counter()
+        if run.ticket.first_token_at is None:
+            run.ticket.first_token_at = now
+            if self.metrics:
+                self.metrics.ttft.observe(now - run.ticket.submitted)
+        elif self.metrics:
+            self.metrics.tpot.observe(now - run.last_at)
+        run.last_at = now
+        run.produced += 1
+        run.ticket.deliver(tok)
+
+    def _finish(self, run: "_Running", error: BaseException | None = None) -> None:
+        if self.running.get(run.slot) is run:
+            del self.running[run.slot]
+            if self._batch is not None:
+                self._batch.release(run.slot)
+        run.ticket.deliver(error)  # None: the normal end
+        self._gauge()
+
+    def _gauge(self) -> None:
+        if self.metrics:
+            self.metrics.queue_depth.set(self.waiting.qsize())
+            self.metrics.running.set(len(self.running))
+
+
+@dataclass
+class _Running:
+    ticket: Ticket
+    slot: int
+    last: int = 0  # the token fed at the next step
+    produced: int = 0
+    last_at: float = 0.0
+    generator: Any = None
+    history: Any = None
+    constraint: Any = None
+
+
+def _can_batch(engine: Any) -> bool:
+    from hanlin.backends.torch.engine import TorchEngine
+
+    return isinstance(engine, TorchEngine)

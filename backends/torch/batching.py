@@ -1,0 +1,88 @@
+"""Continuous batching for the native engine: sequences join and leave a running batch
+between decode steps.
+
+`SlotBatch` owns one static KV cache with `max_batch` rows ("slots"). A sequence is admitted
+into a free slot (its prompt prefilled into that row alone), takes part in every decode step
+while it runs, and gives its slot back when it ends; the next sequence reuses the row from
+position 0. Each row sits at its own length, so a decode step writes each row's new key and
+value at that row's own position and masks every row to its own slots.
+
+A step runs rows [0, highest busy slot + 1): free slots are handed out lowest first, so the
+rows run stay packed. On the CPU a step's cost is the weights streaming through (8 rows cost
+about what 1 does, see cpu_pack.py), so idle rows in that range cost little.
+
+This module is synchronous and owns no thread or queue: the server's scheduler drives it
+(admit, step, release) and does the sampling per request, each with its own settings.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from hanlin.backends.torch.generate import KVCache, prefill
+from hanlin.backends.torch.model import Transformer
+
+
+class _RowCache:
+    """One row of a KVCache, as a cache of batch 1 (views: writes land in the shared cache)."""
+
+    def __init__(self, cache: KVCache, row: int):
+        self.layers = [(k[row : row + 1], v[row : row + 1]) for k, v in cache.layers]
+        self.max_len = cache.max_len
+
+
+class SlotBatch:
+    def __init__(self, model: Transformer, max_batch: int, max_len: int):
+        param = next(model.parameters())
+        self.model, self.device = model, param.device
+        self.max_batch, self.max_len = max_batch, max_len
+        self.cache = KVCache(model, max_batch, max_len, param.dtype, param.device)
+        self.lengths = [0] * max_batch  # tokens held by each slot
+        self.busy = [False] * max_batch
+
+    @property
+    def running(self) -> int:
+        return sum(self.busy)
+
+    def free_slots(self) -> int:
+        return self.max_batch - self.running
+
+    def admit(self, prompt_ids: Sequence[int]) -> tuple[int, torch.Tensor]:
+        """Prefill prompt_ids into the lowest free slot; returns (slot, next-token logits (V,))."""
+        if len(prompt_ids) == 0 or len(prompt_ids) >= self.max_len:
+            raise ValueError(f"a prompt of {len(prompt_ids)} tokens does not fit a slot of {self.max_len}")
+        slot = self.busy.index(False)  # ValueError when full: the scheduler checks free_slots() first
+        tokens = torch.tensor([list(prompt_ids)], device=self.device)  # (1, T)
+        logits = prefill(self.model, _RowCache(self.cache, slot), tokens, 0)  # (1, V)
+        self.busy[slot], self.lengths[slot] = True, len(prompt_ids)
+        return slot, logits[0]
+
+    def release(self, slot: int) -> None:
+        self.busy[slot], self.lengths[slot] = False, 0
+
+    def room(self, slot: int) -> int:
+        """Tokens slot can still take before its row is full."""
+        return self.max_len - self.lengths[slot]
+
+    @torch.inference_mode()
+    def step(self, next_tokens: dict[int, int]) -> dict[int, torch.Tensor]:
+        """One decode step: next_tokens maps each busy slot to the token it feeds now; returns
+        each slot's logits (V,) for the token after."""
+        for slot in next_tokens:
+            if not self.busy[slot] or self.lengths[slot] >= self.max_len:
+                raise ValueError(f"slot {slot} is free or full")
+        rows = max(next_tokens) + 1  # B: run rows [0, rows)
+        tokens = torch.zeros(rows, 1, dtype=torch.long)  # (B, 1); idle rows feed token 0
+        pos = torch.zeros(rows, dtype=torch.long)  # (B,) where each row writes; idle rows at 0
+        for slot, tok in next_tokens.items():
+            tokens[slot, 0], pos[slot] = tok, self.lengths[slot]
+        kv_len = int(pos.max()) + 1
+        visible = torch.arange(kv_len)[None, :] <= pos[:, None]  # (B, S): row b sees its slots 0..pos[b]
+        tokens, pos, visible = tokens.to(self.device), pos.to(self.device), visible.to(self.device)
+        layers = [(k[:rows], v[:rows]) for k, v in self.cache.layers]
+        logits = self.model(tokens, pos[:, None], visible[:, None, None, :], layers, pos, kv_len, last_only=True)[:, -1]  # (B, V)
+        for slot in next_tokens:
+            self.lengths[slot] += 1
+        return {slot: logits[slot] for slot in next_tokens}
