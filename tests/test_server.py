@@ -237,3 +237,15 @@ def test_settings_from_flags_and_environment(monkeypatch):
     out = subprocess.run([*hanlin_command(), "serve", "--max-concurrent", "0"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "--max-concurrent" in out.stderr
     assert "HANLIN_SERVE_QUEUE_SIZE" in subprocess.run([*hanlin_command(), "serve", "--help"], capture_output=True, text=True, timeout=60).stdout
+
+
+def test_tool_and_format_requests_are_checked(client):
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(client, "Weather in Paris?", tools=tools, tool_choice={"type": "function", "function": {"name": "nope"}})
+    assert e.value.body["param"] == "tool_choice" and "nope" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(client, "hi", response_format={"type": "yaml"})
+    assert e.value.body["param"] == "response_format"
+    r = ask(client, "Weather in Paris?", tools=tools, tool_choice="none", max_tokens=8, temperature=0)  # tools off: a plain answer
+    assert r.choices[0].message.tool_calls is None and r.choices[0].message.content

@@ -57,6 +57,7 @@ async def stream_choice(state: Any, prompt_ids: Sequence[int], config: Generatio
     check_prompt_fits(len(prompt_ids), engine.context_length, config)
     room = engine.context_length - len(prompt_ids)
     max_new = min(config.max_tokens or room, room)
+    state.scheduler.check(config)
     try:
         ticket = state.scheduler.submit(prompt_ids, config, max_new, top_logprobs, loop=asyncio.get_running_loop())
     except QueueFull as e:

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
-from hanlin.backends.base import GenerationConfig, RawToken
+from hanlin.backends.base import ConfigError, GenerationConfig, RawToken
 
 log = logging.getLogger("hanlin.server")
 PENALTY_LAST_N = 64
@@ -91,6 +91,7 @@ class Scheduler:
 
             self._batch = SlotBatch(engine.model, max_batch, engine.context_length)
         self._grammars = None
+        self._grammar_lock = threading.Lock()
 
     # ---- the HTTP side ----------------------------------------------------------------
 
@@ -168,11 +169,15 @@ class Scheduler:
                 break
             if ticket.cancelled.is_set():
                 continue
+            try:
+                constraint = self._constraint(ticket.config)  # checked on the HTTP side already; a failure here ends this request alone
+            except Exception as e:  # noqa: BLE001
+                ticket.deliver(e)
+                continue
             slot, logits = self._batch.admit(ticket.prompt_ids)
-            run = _Running(ticket, slot)
+            run = _Running(ticket, slot, constraint=constraint)
             run.generator = make_generator(ticket.config.seed, logits.device)
             run.history = torch.tensor([ticket.prompt_ids[-PENALTY_LAST_N:]], device=logits.device)
-            run.constraint = self._constraint(ticket.config)
             self.running[slot] = run
             self._gauge()
             self._sample_and_emit(run, logits, sample, apply_repeat_penalty)
@@ -210,14 +215,23 @@ class Scheduler:
         if done:
             self._finish(run)
 
+    def check(self, config: GenerationConfig) -> None:
+        """From the HTTP side, before submit: can this request be served as asked? Raises
+        ConfigError naming the problem (an invalid schema; structured output unavailable)."""
+        if config.json_schema is not None and self.batching:
+            self._constraint(config)  # compiles (cached) the schema's grammar, or says why not
+
     def _constraint(self, config: GenerationConfig):
         if config.json_schema is None:
             return None
-        if self._grammars is None:
-            from hanlin.backends.torch.constrain import GrammarCompiler
-
-            self._grammars = GrammarCompiler(self.engine)
-        return self._grammars.constraint(config.json_schema)
+        with self._grammar_lock:
+            if self._grammars is None:
+                try:
+                    from hanlin.backends.torch.constrain import GrammarCompiler
+                except ImportError as e:
+                    raise ConfigError(f"structured output (response_format, forced tool calls) is not available on this server: {e}") from None
+                self._grammars = GrammarCompiler(self.engine)
+            return self._grammars.constraint(config.json_schema)
 
     def _emit(self, run: "_Running", tok: RawToken) -> None:
         now = time.perf_counter()
