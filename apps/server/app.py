@@ -58,9 +58,10 @@ def load_llm(settings: ServerSettings) -> Any:
 
 def create_app(settings: ServerSettings | None = None, llm: Any = None) -> FastAPI:
     settings = settings or ServerSettings()
-    llm = llm or load_llm(settings)
     metrics = Metrics()
-    scheduler = Scheduler(llm.engine, max_batch=settings.max_concurrent, queue_size=settings.queue_size, metrics=metrics)
+    scheduler = Scheduler(max_batch=settings.max_concurrent, queue_size=settings.queue_size, metrics=metrics)
+    given = llm
+    llm = scheduler.start(lambda: given or load_llm(settings))  # the model is loaded on, and only used from, the scheduler's thread
     template = llm.engine.metadata().get("chat_template") or ""
     state = State(settings, llm, scheduler, metrics, settings.served_model_name or llm.name, int(time.time()), "tools" in template)
 
@@ -68,7 +69,6 @@ def create_app(settings: ServerSettings | None = None, llm: Any = None) -> FastA
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
-        scheduler.start()
         yield
         scheduler.close()
 
