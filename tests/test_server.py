@@ -249,3 +249,49 @@ def test_tool_and_format_requests_are_checked(client):
     assert e.value.body["param"] == "response_format"
     r = ask(client, "Weather in Paris?", tools=tools, tool_choice="none", max_tokens=8, temperature=0)  # tools off: a plain answer
     assert r.choices[0].message.tool_calls is None and r.choices[0].message.content
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Current weather for a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30}, "unit": {"enum": ["C", "F"]}},
+                          "required": ["city", "unit"], "additionalProperties": False}}}  # fmt: skip
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {"zone": {"type": "string", "maxLength": 20}},
+                                                                           "required": ["zone"], "additionalProperties": False}}}  # fmt: skip
+
+
+def test_structured_output_validates(client):
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20}, "age": {"type": "integer", "minimum": 0},
+              "colour": {"enum": ["red", "green", "blue"]}}, "required": ["name", "age", "colour"], "additionalProperties": False}  # fmt: skip
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": schema}}
+    r = ask(client, "Describe a person.", response_format=fmt, max_tokens=120, n=3, seed=5, temperature=0.9)
+    for c in r.choices:
+        obj = json.loads(c.message.content)
+        assert set(obj) == {"name", "age", "colour"} and obj["colour"] in ("red", "green", "blue") and isinstance(obj["age"], int) and obj["age"] >= 0
+        assert c.finish_reason == "stop"
+    streamed = "".join(ch.choices[0].delta.content or "" for ch in ask(client, "Describe a person.", response_format=fmt, max_tokens=120, stream=True) if ch.choices)
+    assert set(json.loads(streamed)) == {"name", "age", "colour"}
+    assert isinstance(json.loads(ask(client, "A JSON object about cats.", response_format={"type": "json_object"}, max_tokens=120).choices[0].message.content), dict)
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(client, "hi", response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}})
+    assert "json_schema" in e.value.body["message"]
+
+
+def test_forced_tool_calls_parse(client):
+    for choice, names in (("required", {"get_weather", "get_time"}), ({"type": "function", "function": {"name": "get_weather"}}, {"get_weather"})):
+        r = ask(client, "What is the weather in Paris in celsius?", tools=[WEATHER, TIME], tool_choice=choice, max_tokens=80, temperature=0)
+        c = r.choices[0]
+        assert c.finish_reason == "tool_calls" and c.message.content is None
+        call = c.message.tool_calls[0]
+        assert call.type == "function" and call.function.name in names and call.id.startswith("call")
+        args = json.loads(call.function.arguments)
+        assert set(args) == ({"city", "unit"} if call.function.name == "get_weather" else {"zone"})
+    chunks = list(ask(client, "Weather in Oslo?", tools=[WEATHER], tool_choice="required", max_tokens=80, stream=True))
+    deltas = [ch.choices[0].delta.tool_calls for ch in chunks if ch.choices and ch.choices[0].delta.tool_calls]
+    assert deltas and json.loads(deltas[0][0].function.arguments)["unit"] in ("C", "F")
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason] == ["tool_calls"]
+    # the result goes back as a tool message and the model answers in words
+    follow = client.chat.completions.create(model=MODEL, max_tokens=20, temperature=0, tools=[WEATHER], messages=[
+        {"role": "user", "content": "Weather in Oslo?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo", "unit": "C"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 3}'},
+    ], tool_choice="none")  # fmt: skip
+    assert follow.choices[0].message.content and follow.choices[0].finish_reason in ("stop", "length")

@@ -182,6 +182,7 @@ class GGUFEngine:
             min_p=config.min_p,
             repeat_penalty=config.repeat_penalty,  # llama.cpp applies penalties before greedy too
             reset=True,
+            grammar=self._grammar(config.json_schema) if config.json_schema else None,
         )
         if not config.logprobs:
             for tok in it:
@@ -189,6 +190,18 @@ class GGUFEngine:
             return
         for tok in it:
             yield RawToken(tok, self._last_logprob(tok))
+
+    def _grammar(self, json_schema: str) -> Any:
+        """llama.cpp's own grammar for a JSON schema (its json_schema_to_gbnf), cached by text."""
+        cache = self.__dict__.setdefault("_grammars", {})
+        if json_schema not in cache:
+            from llama_cpp.llama_grammar import LlamaGrammar
+
+            try:
+                cache[json_schema] = LlamaGrammar.from_json_schema(json_schema, verbose=False)
+            except Exception as e:  # the converter raises ValueError/KeyError/... with the reason
+                raise ConfigError(f"json_schema is invalid or unsupported: {e}") from None
+        return cache[json_schema]
 
     def _last_logprob(self, token_id: int) -> float:
         """log softmax of the logits that produced token_id (the last decoded position)."""

@@ -116,6 +116,7 @@ class TorchEngine:
         self._cache = KVCache(model, 1, ctx_size, param.dtype, param.device)
         self._step = CompiledDecode(model, self._cache) if compile else None
         self.packed_linears = 0
+        self._grammars = None
         if not compile and param.device.type == "cpu":
             from hanlin.backends.torch.cpu_pack import pack_linears
 
@@ -136,11 +137,24 @@ class TorchEngine:
     def generate(self, prompt_ids: Sequence[int], config: GenerationConfig) -> Iterator[TokenEvent]:
         from hanlin.backends.torch.generate import generate_one
 
+        constraint = self.grammars().constraint(config.json_schema) if config.json_schema else None
+
         def sample_raw(ids: list[int], max_new: int) -> Iterator[RawToken]:
-            for s in generate_one(self.model, self._cache, ids, config, max_new, self._step):
+            for s in generate_one(self.model, self._cache, ids, config, max_new, self._step, constraint):
                 yield RawToken(s.token_id, s.logprob)
+                if constraint is not None and constraint.is_done:
+                    yield RawToken(min(self.eos_token_ids), 0.0)  # the JSON is complete: end as at EOS
+                    return
 
         return stream_tokens(self, prompt_ids, config, sample_raw)
+
+    def grammars(self) -> Any:
+        """The engine's JSON-schema compiler (built on first use: it reads the whole vocabulary)."""
+        if self._grammars is None:
+            from hanlin.backends.torch.constrain import GrammarCompiler
+
+            self._grammars = GrammarCompiler(self)
+        return self._grammars
 
     def generate_batch(self, prompts: Sequence[Sequence[int]], config: GenerationConfig, *, eos: bool = True) -> list[list[int]]:
         """Several prompts decoded together (token ids out, each ending at EOS or max_tokens;
@@ -208,6 +222,7 @@ class LlamaCppTokenizer:
             self._llm = llama_cpp.Llama(model_path=path, vocab_only=True, verbose=False)
         self.add_bos = bool(self._llm._model.add_bos_token())
         self.eos_ids = frozenset({self._llm.token_eos()})
+        self.vocab_size = self._llm.n_vocab()
         self._cache: dict[int, bytes] = {}
 
     def encode(self, text: str, *, add_bos: bool, special: bool) -> list[int]:
@@ -261,6 +276,7 @@ class HFTokenizer:
         eos_id = self._tok.token_to_id(eos) if isinstance(eos, str) else None
         self.eos_ids = frozenset({eos_id} if eos_id is not None else ())
         self._bytes = _byte_decoder() if self._byte_level else None
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self._cache: dict[int, bytes] = {}
 
     def encode(self, text: str, *, add_bos: bool, special: bool) -> list[int]:

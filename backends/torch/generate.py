@@ -142,9 +142,10 @@ class CompiledDecode:
         return decode_step(model, cache, tokens, pos)
 
 
-def generate_one(model: Transformer, cache: KVCache, prompt: Sequence[int], config: GenerationConfig, max_new: int, step=None) -> Iterator[RawStep]:
+def generate_one(model: Transformer, cache: KVCache, prompt: Sequence[int], config: GenerationConfig, max_new: int, step=None, constraint=None) -> Iterator[RawStep]:
     """Stream tokens for one prompt, reusing the longest cached prefix of the last call.
-    step: the decode function (decode_step, or a CompiledDecode)."""
+    step: the decode function (decode_step, or a CompiledDecode); constraint: a
+    constrain.Constraint that masks each step's logits (structured output), or None."""
     decode = step or decode_step
     device = next(model.parameters()).device
     prompt = list(prompt)
@@ -159,8 +160,12 @@ def generate_one(model: Transformer, cache: KVCache, prompt: Sequence[int], conf
     cache.tokens = list(prompt)
     history = torch.tensor([prompt[-PENALTY_LAST_N:]], device=device)
     for i in range(max_new):
+        if constraint is not None:
+            constraint.mask_(logits)
         ids, lps = sample(apply_repeat_penalty(logits, history, config.repeat_penalty), config, gen)
         tok = int(ids[0])
+        if constraint is not None:
+            constraint.accept(tok)
         yield RawStep(tok, float(lps[0]))
         pos = len(cache.tokens)
         if i + 1 >= max_new or pos >= cache.max_len:
