@@ -8,6 +8,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import time
 
 import pytest
@@ -295,3 +296,19 @@ def test_forced_tool_calls_parse(client):
         {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 3}'},
     ], tool_choice="none")  # fmt: skip
     assert follow.choices[0].message.content and follow.choices[0].finish_reason in ("stop", "length")
+
+
+def test_schemathesis_finds_no_server_error(default_model_path, tmp_path):
+    """Fuzz every operation of the server's own OpenAPI document (hundreds of generated
+    requests, with and without the key): no 5xx, no crash. max_tokens is capped at 4 so the
+    generated generation requests stay quick."""
+    s = Server("--api-keys", KEY, "--max-tokens-cap", "4", "--ctx-size", "512")
+    try:
+        out = subprocess.run([sys.executable, "-m", "schemathesis.cli", "run", s.url + "/openapi.json", "--checks", "not_a_server_error", "--header",
+                              f"Authorization: Bearer {KEY}", "--max-examples", "30", "--seed", "1", "--no-color"],
+                             capture_output=True, text=True, timeout=600, cwd=tmp_path)  # fmt: skip
+        assert out.returncode == 0, out.stdout[-3000:]
+        assert " passed" in out.stdout and " failed" not in out.stdout.split("SUMMARY")[-1]
+        assert s.health()["status"] == "ok" and s.proc.poll() is None
+    finally:
+        s.stop()
