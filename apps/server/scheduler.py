@@ -28,6 +28,7 @@ from hanlin.backends.base import ConfigError, GenerationConfig, RawToken
 
 log = logging.getLogger("hanlin.server")
 PENALTY_LAST_N = 64
+PREFILL_TOKENS = 2048  # prompt tokens admitted per round at most (one forward pass; always at least one request)
 
 
 class QueueFull(Exception):
@@ -190,10 +191,12 @@ class Scheduler:
 
         for run in [r for r in self.running.values() if r.ticket.cancelled.is_set()]:
             self._finish(run)  # a client that went away frees its slot before this step
-        # admit waiting requests into free slots (each prefilled alone into its row)
-        while self._batch.free_slots():
+        # admit waiting requests into free slots, prefilled together in one forward pass
+        admitted: list[tuple[Ticket, Any]] = []
+        budget = PREFILL_TOKENS
+        while len(admitted) < self._batch.free_slots():
             try:
-                ticket = self.waiting.get(timeout=0.1 if not self.running else 0)
+                ticket = self.waiting.get(timeout=0.1 if not self.running and not admitted else 0)
             except queue.Empty:
                 break
             if ticket.cancelled.is_set():
@@ -203,13 +206,17 @@ class Scheduler:
             except Exception as e:  # noqa: BLE001
                 ticket.deliver(e)
                 continue
-            slot, logits = self._batch.admit(ticket.prompt_ids)
-            run = _Running(ticket, slot, constraint=constraint)
-            run.generator = make_generator(ticket.config.seed, logits.device)
-            run.history = torch.tensor([ticket.prompt_ids[-PENALTY_LAST_N:]], device=logits.device)
-            self.running[slot] = run
-            self._gauge()
-            self._sample_and_emit(run, logits, sample, apply_repeat_penalty)
+            admitted.append((ticket, constraint))
+            budget -= len(ticket.prompt_ids)
+            if budget <= 0:
+                break  # long prompts: the rest wait for the next round, so running requests are not stalled long
+        if admitted:
+            for (ticket, constraint), (slot, logits) in zip(admitted, self._batch.admit_many([t.prompt_ids for t, _ in admitted])):
+                run = _Running(ticket, slot, constraint=constraint)
+                run.generator = make_generator(ticket.config.seed, logits.device)
+                run.history = torch.tensor([ticket.prompt_ids[-PENALTY_LAST_N:]], device=logits.device)
+                self.running[slot] = run
+                self._sample_and_emit(run, logits, sample, apply_repeat_penalty)
         self._gauge()
         if not self.running:
             return

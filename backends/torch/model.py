@@ -260,6 +260,7 @@ class Transformer(nn.Module):
         cache_pos: torch.Tensor | None = None,  # (T,) slots the new tokens are written to; (B,) per row when T == 1
         kv_len: int | None = None,  # slots in use after this step (attention reads [0, kv_len))
         last_only: bool = False,  # logits for the last position only (decode, sampling)
+        logits_at: torch.Tensor | None = None,  # (B,) one position per row (a right-padded batch); overrides last_only
     ) -> torch.Tensor:
         B, T = tokens.shape
         if positions is None:
@@ -272,6 +273,8 @@ class Transformer(nn.Module):
                 x = checkpoint(layer, x, cos, sin, mask, cache, cache_pos, kv_len, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, cache, cache_pos, kv_len)
-        if last_only:
+        if logits_at is not None:
+            x = x[torch.arange(B, device=x.device), logits_at][:, None]  # (B, 1, C)
+        elif last_only:
             x = x[:, -1:]
         return op("linear", x.device)(self.norm(x), self.lm_head).float()  # (B, T or 1, V)
