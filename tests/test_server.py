@@ -312,3 +312,21 @@ def test_schemathesis_finds_no_server_error(default_model_path, tmp_path):
         assert s.health()["status"] == "ok" and s.proc.poll() is None
     finally:
         s.stop()
+
+
+def test_gguf_engine_serves_too(default_model_path):
+    """Engines without continuous batching serve one request at a time, streaming token by token."""
+    s = Server("--engine", "gguf", "--ctx-size", "512")
+    try:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0)
+        assert httpx.get(s.url + "/v1/models").json()["data"][0]["engine"] == "gguf"
+        chunks = list(ask(c, "What is the capital of France?", max_tokens=24, temperature=0, stream=True))
+        pieces = [ch.choices[0].delta.content for ch in chunks if ch.choices and ch.choices[0].delta.content]
+        assert len(pieces) > 3 and "".join(pieces).strip()  # several chunks: streamed, not delivered at the end
+        with cf.ThreadPoolExecutor(3) as ex:
+            outs = list(ex.map(lambda i: ask(c, f"Say a word about {i}.", max_tokens=8).choices[0].message.content, range(3)))
+        assert all(outs)
+        r = ask(c, "A person as JSON.", max_tokens=80, response_format={"type": "json_object"})
+        assert isinstance(json.loads(r.choices[0].message.content), dict)
+    finally:
+        s.stop()
