@@ -5,6 +5,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from hanlin.apps.server import chat, completions, errors, models
+from hanlin.apps.server import chat, completions, embeddings, errors, models
 from hanlin.apps.server.errors import APIError
 from hanlin.apps.server.metrics import Metrics
 from hanlin.apps.server.scheduler import Scheduler
@@ -30,6 +31,7 @@ class State:
     model_name: str
     started: int
     template_reads_tools: bool
+    embedder: Any = None  # embeddings.Embedder when --embedding-model is set
 
     @property
     def default_config(self):
@@ -64,6 +66,12 @@ def create_app(settings: ServerSettings | None = None, llm: Any = None) -> FastA
     llm = scheduler.start(lambda: given or load_llm(settings))  # the model is loaded on, and only used from, the scheduler's thread
     template = llm.engine.metadata().get("chat_template") or ""
     state = State(settings, llm, scheduler, metrics, settings.served_model_name or llm.name, int(time.time()), "tools" in template)
+    if settings.embedding_model:
+        from hanlin.apps.server.embeddings import MINILM, Embedder, resolve_embedding_model
+
+        folder = resolve_embedding_model(settings.embedding_model)
+        name = MINILM if not os.path.isdir(settings.embedding_model) else os.path.basename(folder.rstrip("/"))
+        state.embedder = scheduler.call(lambda: Embedder(folder, name)).result()  # loaded on the model thread, like the model
 
     from contextlib import asynccontextmanager
 
@@ -79,6 +87,7 @@ def create_app(settings: ServerSettings | None = None, llm: Any = None) -> FastA
     app.include_router(models.health_router)
     app.include_router(chat.router)
     app.include_router(completions.router)
+    app.include_router(embeddings.router)
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
@@ -100,7 +109,7 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"]
-        endpoint = path if path in ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics") else "other"
+        endpoint = path if path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/health", "/metrics") else "other"
         status_seen = {"code": 500}
 
         async def counting_send(message: dict) -> None:

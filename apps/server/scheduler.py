@@ -17,6 +17,7 @@ exception). The shared stop policy (base.apply_stops) runs on the endpoint side.
 from __future__ import annotations
 
 import atexit
+import concurrent.futures
 import logging
 import queue
 import threading
@@ -91,7 +92,8 @@ class Scheduler:
         self._loaded: Any = None  # what load() returned, or the exception it raised
         self._batch = None
         self._grammar_lock = threading.Lock()
-        self._outbox: list[tuple[Ticket, Any]] = []  # (ticket, item) posted this round, sent by _flush
+        self._outbox: list[tuple[Ticket, Any]] = []
+        self._jobs: queue.Queue = queue.Queue()  # (fn, Future) to run on the model thread  # (ticket, item) posted this round, sent by _flush
 
     # ---- the HTTP side ----------------------------------------------------------------
 
@@ -133,6 +135,25 @@ class Scheduler:
         self._stop.set()
         self._thread.join(timeout=10)
 
+    def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        """Run fn on the model thread, between decode steps (other torch work, e.g. embeddings,
+        must not run its own OpenMP pool beside the decode step's; see start())."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._jobs.put((fn, future))
+        return future
+
+    def _run_jobs(self) -> None:
+        while True:
+            try:
+                fn, future = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except BaseException as e:  # noqa: BLE001  (the caller gets it)
+                    future.set_exception(e)
+
     def submit(self, prompt_ids: Sequence[int], config: GenerationConfig, max_new: int, top_logprobs: int = 0, loop: Any = None) -> Ticket:
         """Queue a request (from any thread); with an asyncio loop, its tokens arrive on
         ticket.aout in that loop. Raises QueueFull rather than accept work it cannot hold."""
@@ -156,6 +177,7 @@ class Scheduler:
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
+                self._run_jobs()
                 if self.batching:
                     self._batch_round()
                 else:

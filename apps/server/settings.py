@@ -16,6 +16,7 @@ class ServerSettings(BaseSettings):
     device: str = Field("auto", description="device: auto, cpu, cuda[:N], npu[:N], mps")
     dtype: str = Field("auto", description="torch engine dtype: auto, float32, bfloat16, float16")
     ctx_size: int | None = Field(None, ge=16, description="context window per request (default: the model's, capped)")
+    embedding_model: str | None = Field(None, description="sentence-embedding model for /v1/embeddings: all-minilm-l6-v2 or a folder")
     served_model_name: str | None = Field(None, description="the model id clients use (default: the model's name)")
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
