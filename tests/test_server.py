@@ -316,7 +316,7 @@ def test_schemathesis_finds_no_server_error(default_model_path, tmp_path):
 
 
 def test_gguf_engine_serves_too(default_model_path):
-    """Engines without continuous batching serve one request at a time, streaming token by token."""
+    """The GGUF engine batches too: each request a llama.cpp sequence, one decode for all."""
     s = Server("--engine", "gguf", "--ctx-size", "512")
     try:
         c = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0)
@@ -324,9 +324,13 @@ def test_gguf_engine_serves_too(default_model_path):
         chunks = list(ask(c, "What is the capital of France?", max_tokens=24, temperature=0, stream=True))
         pieces = [ch.choices[0].delta.content for ch in chunks if ch.choices and ch.choices[0].delta.content]
         assert len(pieces) > 3 and "".join(pieces).strip()  # several chunks: streamed, not delivered at the end
-        with cf.ThreadPoolExecutor(3) as ex:
-            outs = list(ex.map(lambda i: ask(c, f"Say a word about {i}.", max_tokens=8).choices[0].message.content, range(3)))
-        assert all(outs)
+        with cf.ThreadPoolExecutor(4) as ex:
+            outs = list(ex.map(lambda i: ask(c, "What is the capital of France?", max_tokens=24, temperature=0).choices[0].message.content, range(4)))
+        assert outs == ["".join(pieces)] * 4  # four at once in one batch: each the same as alone
+        peak = httpx.get(s.url + "/metrics").text
+        assert "hanlin_running_requests" in peak and s.wait_idle()["running"] == 0
+        seeded = [ask(c, "Name a colour.", max_tokens=12, temperature=1.0, seed=3, logprobs=True, top_logprobs=2).choices[0] for _ in range(2)]
+        assert seeded[0].message.content == seeded[1].message.content and seeded[0].logprobs.content[0].logprob <= 0
         r = ask(c, "A person as JSON.", max_tokens=200, temperature=0, response_format={"type": "json_object"})
         assert r.choices[0].finish_reason == "stop" and isinstance(json.loads(r.choices[0].message.content), dict)
     finally:

@@ -39,6 +39,8 @@ def config_for(state: Any, req: Any, *, json_schema: str | None = None) -> Gener
     stop = req.stop if isinstance(req.stop, list) else [req.stop] if req.stop else []
     changes["stop"] = tuple(stop)
     changes["json_schema"] = json_schema
+    lp = getattr(req, "logprobs", None)
+    changes["logprobs"] = lp is not None and lp is not False  # chat: a bool; completions: how many alternatives
     return base.updated(**changes)
 
 

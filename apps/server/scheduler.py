@@ -91,6 +91,7 @@ class Scheduler:
         self._ready = threading.Event()
         self._loaded: Any = None  # what load() returned, or the exception it raised
         self._batch = None
+        self._slots = None  # GGUFSlots, for the GGUF engine
         self._grammar_lock = threading.Lock()
         self._outbox: list[tuple[Ticket, Any]] = []
         self._jobs: queue.Queue = queue.Queue()  # (fn, Future) to run on the model thread  # (ticket, item) posted this round, sent by _flush
@@ -123,6 +124,10 @@ class Scheduler:
                 from hanlin.backends.torch.batching import SlotBatch
 
                 self._batch = SlotBatch(self.engine.model, self.max_batch, self.engine.context_length)
+            elif getattr(self.engine, "name", None) == "gguf":  # llama.cpp sequences: several requests per decode
+                from hanlin.backends.gguf.batching import GGUFSlots
+
+                self._slots = GGUFSlots(self.engine, self.max_batch, self.engine.context_length)
             self._loaded = llm
         except BaseException as e:  # noqa: BLE001  (handed to start(), which raises it)
             self._loaded = e
@@ -180,6 +185,8 @@ class Scheduler:
                 self._run_jobs()
                 if self.batching:
                     self._batch_round()
+                elif self._slots is not None:
+                    self._gguf_round()
                 else:
                     self._serial_round()
             except Exception as e:  # a bug must not kill the thread silently: fail the requests it held
@@ -232,6 +239,38 @@ class Scheduler:
             self._finish(run)
         except Exception as e:
             self._finish(run, e)
+
+    def _gguf_round(self) -> None:
+        """Continuous batching on llama.cpp: admit into free sequences, then one decode for all."""
+        slots = self._slots
+        for run in [r for r in self.running.values() if r.ticket.cancelled.is_set()]:
+            self._finish(run)
+        while slots.free_slots():
+            try:
+                ticket = self.waiting.get(timeout=0.1 if not self.running else 0)
+            except queue.Empty:
+                break
+            if ticket.cancelled.is_set():
+                continue
+            try:
+                slot = slots.admit(ticket.prompt_ids, ticket.config)
+            except Exception as e:  # noqa: BLE001  (a bad schema, ...: this request alone fails)
+                ticket.deliver(e)
+                continue
+            run = self.running[slot] = _Running(ticket, slot)
+            self._gguf_sample(run)
+        self._gauge()
+        if self.running:
+            slots.step({slot: run.last for slot, run in self.running.items()})
+            for run in list(self.running.values()):
+                self._gguf_sample(run)
+
+    def _gguf_sample(self, run: "_Running") -> None:
+        tok, lp, top = self._slots.sample(run.slot, run.ticket.config.logprobs or bool(run.ticket.top_logprobs), run.ticket.top_logprobs)
+        run.last = tok
+        self._emit(run, RawToken(tok, lp, top))
+        if tok in self.engine.eos_token_ids or run.produced >= run.ticket.max_new or self._slots.room(run.slot) <= 0:
+            self._finish(run)
 
     def _batch_round(self) -> None:
         import torch
@@ -332,6 +371,8 @@ class Scheduler:
             del self.running[run.slot]
             if self._batch is not None:
                 self._batch.release(run.slot)
+            elif self._slots is not None:
+                self._slots.release(run.slot)
         self._post(run.ticket, error)  # None: the normal end
         self._gauge()
 
