@@ -11,7 +11,8 @@ token p50/p99 and time per output token p50/p99 (per request: (last - first toke
 
 llama-cpp-python's server (`python -m llama_cpp.server`, run with `--interrupt_requests false`:
 by default a new request cuts off the one streaming) serves one request at a time; hanlin
-batches them (continuous batching on the torch engine). Target on the 2-core machine at 8
+batches them: continuous batching on the torch engine (float32, bfloat16) and on the GGUF
+engine (llama.cpp sequences, the same Q4_1 file as llama.cpp's server). Target on the 2-core machine at 8
 clients: hanlin's aggregate >= 3x the llama.cpp server's, and a lower time-to-first-token p50.
 """
 
@@ -132,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [*hanlin_bin, "serve", "--model", path, "--port", str(port), "--dtype", dtype, "--max-concurrent", str(args.clients),
                "--ctx-size", "1024", "--served-model-name", "m"]  # fmt: skip
         servers[f"hanlin_torch_{dtype}"] = (cmd, port, "/health")
+    port = free_port()
+    servers["hanlin_gguf"] = ([*hanlin_bin, "serve", "--model", path, "--port", str(port), "--engine", "gguf", "--max-concurrent", str(args.clients),
+                               "--ctx-size", "1024", "--served-model-name", "m"], port, "/health")  # fmt: skip
     for name, extra in (("llama_cpp_server", []), ("llama_cpp_server_2_threads", ["--n_threads", "2", "--n_threads_batch", "2"])):
         # its defaults (n_threads = half the cores: 1 here), and with every core, as a fairer baseline
         port = free_port()
