@@ -205,7 +205,7 @@ def test_a_full_queue_answers_429(default_model_path):
 def test_32_concurrent_streaming_clients(server, client):
     server.wait_idle()
     idle = server.rss_mb()
-    deadline = time.time() + 20
+    deadline = time.time() + 30
 
     def worker(i: int) -> tuple[int, int]:
         done = errors = 0
