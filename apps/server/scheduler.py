@@ -299,7 +299,14 @@ class Scheduler:
             if budget <= 0:
                 break  # long prompts: the rest wait for the next round, so running requests are not stalled long
         if admitted:
-            for (ticket, constraint), (slot, logits) in zip(admitted, self._batch.admit_many([t.prompt_ids for t, _ in admitted])):
+            try:
+                prefilled = self._batch.admit_many([t.prompt_ids for t, _ in admitted])
+            except Exception as e:  # noqa: BLE001  (these requests fail; the running ones go on)
+                log.exception("prefill failed")
+                for ticket, _ in admitted:
+                    ticket.deliver(e)
+                prefilled = []
+            for (ticket, constraint), (slot, logits) in zip(admitted, prefilled):
                 run = _Running(ticket, slot, constraint=constraint)
                 run.generator = make_generator(ticket.config.seed, logits.device)
                 run.history = torch.tensor([ticket.prompt_ids[-PENALTY_LAST_N:]], device=logits.device)
