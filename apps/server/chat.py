@@ -53,26 +53,12 @@ class Tool(BaseModel):
     function: FunctionDef
 
 
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
-class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")  # OpenAI settings we do not use are accepted and ignored
-    model: str
+class ChatRequest(G.SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    n: int = Field(1, ge=1, le=G.MAX_N)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    seed: int | None = Field(None, ge=0)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    response_format: dict[str, Any] | None = None
     tools: list[Tool] | None = None
     tool_choice: str | dict[str, Any] | None = None
 
@@ -116,8 +102,7 @@ async def chat_completions(body: ChatRequest, request: Request):
 
 async def _stream(state, body: ChatRequest, prompt_ids, config, top, rid, created, tools, forced):
     def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
-        data = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": state.model_name, "choices": choices, **extra}
-        return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+        return G.sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": state.model_name, "choices": choices, **extra})
 
     engine = state.llm.engine
     completion_tokens = 0
@@ -143,8 +128,8 @@ async def _stream(state, body: ChatRequest, prompt_ids, config, top, rid, create
         if body.stream_options and body.stream_options.include_usage:
             yield chunk([], usage=G.usage(len(prompt_ids), completion_tokens))
         yield "data: [DONE]\n\n"
-    except APIError as e:  # after the headers went out, an error can only be an event
-        yield f"data: {json.dumps({'error': {'message': e.message, 'type': e.type, 'param': e.param, 'code': e.code}})}\n\n"
+    except APIError as e:
+        yield G.sse_error(e)
 
 
 def _tool_plan(body: ChatRequest) -> tuple[list[Tool], str | None]:

@@ -7,30 +7,19 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from hanlin.apps.server import generation as G
-from hanlin.apps.server.chat import StreamOptions
 from hanlin.apps.server.errors import APIError
 
 router = APIRouter()
 
 
-class CompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    model: str
+class CompletionRequest(G.SamplingRequest):
     prompt: str | list[int] | list[str]
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    n: int = Field(1, ge=1, le=G.MAX_N)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for this endpoint
-    seed: int | None = Field(None, ge=0)
     logprobs: int | None = Field(None, ge=0, le=20)  # here: how many alternatives per token
     echo: bool = False
-    response_format: dict[str, Any] | None = None
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
@@ -74,8 +63,7 @@ async def completions(body: CompletionRequest, request: Request):
 
 async def _stream(state, body: CompletionRequest, prompt_ids, prompt_text, config, top, rid, created):
     def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
-        data = {"id": rid, "object": "text_completion", "created": created, "model": state.model_name, "choices": choices, **extra}
-        return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+        return G.sse({"id": rid, "object": "text_completion", "created": created, "model": state.model_name, "choices": choices, **extra})
 
     completion_tokens = 0
     try:
@@ -92,4 +80,4 @@ async def _stream(state, body: CompletionRequest, prompt_ids, prompt_text, confi
             yield chunk([], usage=G.usage(len(prompt_ids), completion_tokens))
         yield "data: [DONE]\n\n"
     except APIError as e:
-        yield f"data: {json.dumps({'error': {'message': e.message, 'type': e.type, 'param': e.param, 'code': e.code}})}\n\n"
+        yield G.sse_error(e)

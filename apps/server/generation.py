@@ -4,16 +4,48 @@ from the scheduler through the shared stop policy, and the OpenAI logprobs shape
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from hanlin.apps.server.errors import APIError
 from hanlin.apps.server.scheduler import QueueFull
 from hanlin.backends.base import GenerationConfig, StopPolicy, TokenEvent, check_prompt_fits
 
 MAX_N = 16
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class SamplingRequest(BaseModel):
+    """The fields chat and completions requests share."""
+
+    model_config = ConfigDict(extra="allow")  # OpenAI settings we do not use are accepted and ignored
+    model: str
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int = Field(1, ge=1, le=MAX_N)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0)
+    response_format: dict[str, Any] | None = None
+
+
+def sse(data: dict[str, Any]) -> str:
+    """One server-sent event."""
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def sse_error(e: APIError) -> str:
+    """After the headers went out, an error can only be an event."""
+    return sse({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}})
 
 
 def new_id(prefix: str) -> str:
