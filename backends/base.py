@@ -95,6 +95,9 @@ class EngineUnavailable(HanlinError):
 # --------------------------------------------------------------------------------------
 
 
+PENALTY_LAST_N = 64  # llama.cpp's default window for the repeat penalty, used by every engine
+
+
 @dataclass(frozen=True)
 class GenerationConfig:
     """One set of generation settings, shared by every engine, the SDK, the CLI and the server.

@@ -25,10 +25,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
-from hanlin.backends.base import ConfigError, GenerationConfig, RawToken
+from hanlin.backends.base import PENALTY_LAST_N, ConfigError, GenerationConfig, RawToken
 
 log = logging.getLogger("hanlin.server")
-PENALTY_LAST_N = 64
 PREFILL_TOKENS = 2048  # prompt tokens admitted per round at most (one forward pass; always at least one request)
 
 

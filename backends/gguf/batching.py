@@ -16,9 +16,8 @@ import math
 import random
 from typing import Any, Sequence
 
-from hanlin.backends.base import GenerationConfig
+from hanlin.backends.base import PENALTY_LAST_N, GenerationConfig
 
-PENALTY_LAST_N = 64
 
 
 class GGUFSlots:

@@ -19,10 +19,9 @@ from typing import Iterator, Sequence
 
 import torch
 
-from hanlin.backends.base import GenerationConfig
+from hanlin.backends.base import PENALTY_LAST_N, GenerationConfig
 from hanlin.backends.torch.model import Transformer
 
-PENALTY_LAST_N = 64  # llama.cpp's default window for the repeat penalty
 
 
 class KVCache:
