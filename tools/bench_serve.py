@@ -124,11 +124,17 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     import hanlin
+    from hanlin.devices import get_device
 
     path = hanlin.resolve(args.model).path
     hanlin_bin = [sys.executable, "-c", "import sys; from hanlin.apps.cli import main; sys.exit(main())"]
     servers = {}
+    skipped = {}
+    cpu_dtypes = get_device("cpu").dtypes
     for dtype in [d for d in args.dtypes.split(",") if d]:
+        if dtype not in cpu_dtypes:  # the device layer refuses it: record why instead of failing the run
+            skipped[f"hanlin_torch_{dtype}"] = f"this CPU computes {', '.join(cpu_dtypes)} natively, not {dtype}"
+            continue
         port = free_port()
         cmd = [*hanlin_bin, "serve", "--model", path, "--port", str(port), "--dtype", dtype, "--max-concurrent", str(args.clients),
                "--ctx-size", "1024", "--served-model-name", "m"]  # fmt: skip
@@ -153,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                 proc.terminate()
                 proc.wait(timeout=30)
     out = {"benchmark": "serve", "clients": args.clients, "max_tokens": args.tokens, "rounds": args.rounds, "cores": os.cpu_count(),
-           "model": path, "servers": {name: summary(r) for name, r in results.items()}}  # fmt: skip
+           "model": path, "servers": {name: summary(r) for name, r in results.items()}, "skipped": skipped}  # fmt: skip
     for base_name in ("llama_cpp_server", "llama_cpp_server_2_threads"):
         base = out["servers"][base_name]
         for name, s in out["servers"].items():
