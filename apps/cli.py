@@ -93,6 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--force", action="store_true", help="download again even if the model is here")
     pl.set_defaults(func=cmd_pull)
 
+    ex = sub.add_parser("export", help="write a model as a GGUF file for llama.cpp, phones and laptops",
+                        description="Export a model the native engine loads (a catalogue name, a .gguf file or an HF folder) as GGUF: "
+                        "float (F16, F32) written by hanlin, any other type by llama.cpp's own quantizer. The file is written "
+                        "beside OUT and renamed into place.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    ex.add_argument("model", help="catalogue name, .gguf file or HF model folder")
+    ex.add_argument("out", help="the file to write, e.g. smol-q8_0.gguf")
+    ex.add_argument("--to", default="gguf", choices=["gguf"], help="output format")
+    ex.add_argument("--quant", "-q", default="F16", help="F16, F32, or a llama.cpp type: Q8_0, Q4_0, Q4_K_M, Q5_K_M, ...")
+    ex.add_argument("--tokenizer-from", default=None, help="a GGUF with the model's tokenizer and chat template (needed for an HF folder)")
+    ex.set_defaults(func=cmd_export)
+
     sv = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API",
                         description="Serve a model over an OpenAI-compatible API (FastAPI + uvicorn) on 127.0.0.1:8000 by default. "
                         "Every flag is also an environment variable: --max-concurrent is HANLIN_SERVE_MAX_CONCURRENT.")  # fmt: skip
@@ -203,6 +214,17 @@ def cmd_pull(args: argparse.Namespace) -> int:
     from hanlin.catalog import pull
 
     pull(args.name, force=args.force)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import time
+
+    from hanlin.export import export
+
+    t0 = time.perf_counter()
+    out = export(args.model, args.out, to=args.to, quant=args.quant, tokenizer_from=args.tokenizer_from)
+    print(f"wrote {out} ({os.path.getsize(out) / 2**20:.1f} MiB, {args.quant.upper()}) in {time.perf_counter() - t0:.1f} s")
     return 0
 
 

@@ -21,6 +21,7 @@ _EXPORTS = {
     "load": "hanlin.llm",
     "LLM": "hanlin.llm",
     "Completion": "hanlin.llm",
+    "export": "hanlin.export",
     "Stream": "hanlin.llm",
     "GenerationConfig": "hanlin.backends.base",
     "TokenEvent": "hanlin.backends.base",
