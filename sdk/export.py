@@ -33,34 +33,22 @@ def export(model: str, out: str, *, to: str = "gguf", quant: str = "F16", tokeni
         raise ConfigError(f"{src.path} is a {src.format} model: pass tokenizer_from= (a GGUF with the same tokenizer)")
     import torch
 
-    from hanlin.backends.gguf.quantize import quant_types, quantize
+    from hanlin.backends.gguf.quantize import quant_type, quantize
     from hanlin.backends.torch.export_gguf import save_gguf
     from hanlin.backends.torch.weights import load_gguf, load_hf_folder
 
-    key = quant.upper()
-    types = quant_types()
-    if key not in types:  # checked before minutes of work, not after
-        raise ConfigError(f"unknown GGUF quantization {quant!r}; the installed llama.cpp writes: {', '.join(types)}")
-    with torch.no_grad():
-        weights = load_gguf(src.path) if src.format == "gguf" else load_hf_folder(src.path)
-    try:
-        return _write_gguf(weights, out, key, tok, save_gguf, quantize)
-    except ValueError as e:  # what the model or the tokenizer file cannot do, in words
+    try:  # ValueError: what the quantization, the model or the tokenizer file cannot do, in words
+        key = quant_type(quant)  # checked before minutes of work, not after
+        with torch.no_grad():
+            weights = load_gguf(src.path) if src.format == "gguf" else load_hf_folder(src.path)
+        if key in ("F32", "F16"):
+            return save_gguf(weights, out, tokenizer_from=tok, ftype=key.lower())
+        folder = os.path.dirname(os.path.abspath(out))
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".hanlin-export-", dir=folder) as scratch:  # beside out: same disk
+            # float32, not float16, as the quantizer's input: one rounding instead of two
+            f32 = save_gguf(weights, os.path.join(scratch, "f32.gguf"), tokenizer_from=tok, ftype="f32")
+            del weights
+            return quantize(f32, out, key)
+    except ValueError as e:
         raise ConfigError(str(e)) from e
-
-
-def _write_gguf(weights, out: str, key: str, tok: str, save_gguf, quantize) -> str:
-    if key in ("F32", "F16"):
-        return save_gguf(weights, out, tokenizer_from=tok, ftype=key.lower())
-    out = os.path.abspath(out)
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".hanlin-export-f32-", suffix=".gguf", dir=os.path.dirname(out))
-    os.close(fd)
-    try:
-        # float32, not float16, as the quantizer's input: one rounding instead of two
-        save_gguf(weights, tmp, tokenizer_from=tok, ftype="f32")
-        del weights
-        return quantize(tmp, out, key)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import ctypes
 import os
-import tempfile
+
+from hanlin.backends.files import written_at
 
 _PREFIX = "LLAMA_FTYPE_MOSTLY_"
 
@@ -28,32 +29,29 @@ def quant_types() -> dict[str, int]:
     return dict(sorted(types.items()))
 
 
+def quant_type(qtype: str) -> str:
+    """`qtype` as llama.cpp names it (any case accepted), or a ValueError listing the known ones."""
+    types = quant_types()
+    if qtype.upper() not in types:
+        raise ValueError(f"unknown GGUF quantization {qtype!r}; the installed llama.cpp writes: {', '.join(types)}")
+    return qtype.upper()
+
+
 def quantize(src: str, out: str, qtype: str, *, threads: int | None = None) -> str:
     """Quantize the GGUF `src` (float or already quantized) to `qtype`, written at `out`."""
     import llama_cpp as L
     from llama_cpp._utils import suppress_stdout_stderr
 
-    types = quant_types()
-    key = qtype.upper()
-    if key not in types:
-        raise ValueError(f"unknown GGUF quantization {qtype!r}; the installed llama.cpp writes: {', '.join(types)}")
+    key = quant_type(qtype)
     if not os.path.isfile(src):
         raise FileNotFoundError(f"no GGUF file at {src}")
-    out = os.path.abspath(out)
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".hanlin-quant-", suffix=".gguf", dir=os.path.dirname(out))
-    os.close(fd)
     params = L.llama_model_quantize_default_params()
-    params.ftype = types[key]
+    params.ftype = quant_types()[key]
     params.nthread = threads or os.cpu_count() or 1
     params.allow_requantize = True
-    try:
+    with written_at(out, prefix=".hanlin-quant-", suffix=".gguf") as tmp:
         with suppress_stdout_stderr(disable=False):  # llama.cpp prints every tensor it converts
             rc = L.llama_model_quantize(src.encode(), tmp.encode(), ctypes.byref(params))
         if rc != 0:
             raise RuntimeError(f"llama.cpp could not quantize {src} to {key} (llama_model_quantize returned {rc})")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
+    return os.path.abspath(out)

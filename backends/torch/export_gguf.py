@@ -15,11 +15,11 @@ nothing half-written at `out`.
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Any
 
 import torch
 
+from hanlin.backends.files import written_at
 from hanlin.backends.torch.model import Transformer
 from hanlin.backends.torch.weights import GGUF_LAYER, GGUF_NAMES
 
@@ -85,11 +85,7 @@ def save_gguf(model: Transformer, out: str, *, tokenizer_from: str, ftype: str =
     if n_vocab != cfg.vocab_size:
         raise ValueError(f"{tokenizer_from}'s tokenizer has {n_vocab} tokens, the model's embedding {cfg.vocab_size}")
 
-    out = os.path.abspath(out)
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".hanlin-export-", suffix=".gguf", dir=os.path.dirname(out))
-    os.close(fd)
-    try:
+    with written_at(out, prefix=".hanlin-export-", suffix=".gguf") as tmp:
         w = GGUFWriter(tmp, cfg.arch)
         _copy_fields(reader, w)
         w.add_context_length(cfg.max_seq_len)
@@ -123,9 +119,4 @@ def save_gguf(model: Transformer, out: str, *, tokenizer_from: str, ftype: str =
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return out
+    return os.path.abspath(out)
