@@ -220,6 +220,18 @@ class Capabilities:
 
 @runtime_checkable
 class Engine(Protocol):
+    """What every engine implements (below), plus optional methods some callers look for:
+
+        logits(ids) -> numpy.ndarray   float32 (len(ids), vocab): the raw logits at every
+                                       position after one causal pass from an empty cache,
+                                       leaving the engine ready to generate.
+
+    `hanlin quant-report` needs logits() for the KL divergence and top-1 agreement of a
+    quantized model against the float one (score_tokens keeps only the target's log-prob);
+    an engine without it still gets perplexity and top-1 there, with KL marked n/a. It is
+    not a protocol member, so isinstance(engine, Engine) does not require it.
+    """
+
     name: ClassVar[str]
     capabilities: ClassVar[Capabilities]
 
@@ -339,12 +351,13 @@ def detect_format(path: str) -> str:
     import os
 
     if os.path.isdir(path):
-        if os.path.isfile(os.path.join(path, "config.json")):
-            return "hf"
+        # exported folders first: they carry tokenizer files, and may carry a config.json too
         if any(f.endswith(".onnx") for f in os.listdir(path)):
             return "onnx"
         if any(f.endswith(".xml") for f in os.listdir(path)):
             return "openvino"
+        if os.path.isfile(os.path.join(path, "config.json")):
+            return "hf"
         raise ModelError(
             f"{path} is a folder but not a model: expected config.json (a Hugging Face folder), "
             "an .onnx file or an OpenVINO .xml inside it"

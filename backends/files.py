@@ -23,3 +23,30 @@ def written_at(out: str, *, prefix: str = ".hanlin-", suffix: str = "") -> Itera
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextmanager
+def folder_written_at(out: str, *, prefix: str = ".hanlin-") -> Iterator[str]:
+    """written_at for a folder: yield an empty temporary folder beside `out`; when the block
+    ends normally it takes out's place (an older `out` is moved aside first and removed only
+    after the new one is in place), when it raises the temporary folder is removed."""
+    import shutil
+
+    out = os.path.abspath(out.rstrip("/"))
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise FileExistsError(f"{out} exists and is not a folder: remove it or choose another output")
+    tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    try:
+        yield tmp
+        old = None
+        if os.path.exists(out):
+            old = tempfile.mkdtemp(prefix=prefix + "old-", dir=parent)
+            os.replace(out, os.path.join(old, "x"))
+        os.replace(tmp, out)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)

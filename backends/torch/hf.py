@@ -81,7 +81,7 @@ class HFEngine:
         self._bytes: dict[int, bytes] = {}
         self._exact = None
         if os.path.isfile(os.path.join(path, "tokenizer.json")):
-            from hanlin.backends.torch.engine import HFTokenizer
+            from hanlin.backends.tokenizer import HFTokenizer
 
             self._exact = HFTokenizer(path)  # exact bytes per token (byte-level BPE pieces)
 

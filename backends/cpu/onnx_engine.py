@@ -1,0 +1,209 @@
+"""OnnxEngine: an exported ONNX folder (backends/cpu/onnx_export.py) on ONNX Runtime's CPU provider.
+
+How a step runs, and why:
+- One preallocated (1, K, ctx, D) float32 buffer per layer for keys and one for values, bound
+  with I/O binding as both the graph's past_* input and its present_* output. The graph's
+  GroupQueryAttention writes the new rows into that memory itself, so a decode step copies
+  nothing but the new token's keys and values (a Concat-based cache would copy the whole
+  cache of every layer every step).
+- The prompt runs in one pass; a new prompt that extends the previous one (a multi-turn chat)
+  only runs its new tokens: the buffer already holds the rest.
+- logits_index picks where logits are computed: the last position while generating (the
+  49k x C lm_head is the biggest matmul of a small model: running it for every prompt token
+  would waste most of a prefill), every position when scoring.
+- Sampling is the shared numpy sampler (sampling.py): llama.cpp's chain and order. Stop
+  handling is base.apply_stops.
+
+Why not onnxruntime-genai's loop: it runs a folder like this one given its genai_config.json,
+but it samples with its own sampler (no min-p, no llama.cpp repeat penalty), returns no
+per-position logits for scoring, and its Python package pins its own onnxruntime build; a
+hundred lines of our own loop over the same shared-buffer graph keeps every setting meaning
+the same thing on every hanlin engine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, ClassVar, Iterator, Sequence
+
+from hanlin.backends.base import (
+    PENALTY_LAST_N,
+    Capabilities,
+    ConfigError,
+    GenerationConfig,
+    ModelError,
+    RawToken,
+    TokenEvent,
+    TokenScores,
+    check_scorable,
+    detokenize_bytes,
+    register,
+    stream_tokens,
+)
+from hanlin.devices import Device
+from hanlin.devices.tools import installed
+
+DEFAULT_MAX_CTX = 4096
+META = "hanlin_onnx.json"
+
+
+@register
+class OnnxEngine:
+    name: ClassVar[str] = "onnx"
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        formats=frozenset({"onnx"}),
+        device_kinds=frozenset({"cpu"}),
+        logprobs=True,
+        priority=40,
+    )
+
+    @classmethod
+    def available(cls, device: Device) -> str | None:
+        if not installed("onnxruntime"):
+            return "onnxruntime not installed (pip install -c constraints.txt 'hanlin[cpu]')"
+        return None
+
+    @classmethod
+    def supports(cls, path: str) -> str | None:
+        if not os.path.isfile(os.path.join(path, META)):
+            return f"{path} has no {META}: only folders written by `hanlin export --to onnx` carry the cache layout this engine binds"
+        return None
+
+    @classmethod
+    def load(cls, path: str, device: Device, *, ctx_size: int | None = None, threads: int | None = None, **_: Any) -> "OnnxEngine":
+        why = cls.supports(path)
+        if why:
+            raise ModelError(why)
+        with open(os.path.join(path, META), encoding="utf-8") as f:
+            meta = json.load(f)
+        trained = int(meta["context_length"])
+        if ctx_size is None:
+            ctx_size = min(trained, DEFAULT_MAX_CTX)
+        elif not isinstance(ctx_size, int) or ctx_size < 16 or ctx_size > trained:
+            raise ConfigError(f"ctx_size={ctx_size!r} is invalid: it must be an integer between 16 and the model's {trained} tokens")
+        if threads is None:
+            threads = device.physical_cores or os.cpu_count() or 1
+        elif threads < 1:
+            raise ConfigError(f"threads={threads} is invalid: it must be >= 1")
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3  # warnings about unused initializers etc. are not the user's business
+        session = ort.InferenceSession(os.path.join(path, "model.onnx"), opts, providers=["CPUExecutionProvider"])
+        return cls(session, meta, path, device, ctx_size, threads)
+
+    def __init__(self, session: Any, meta: dict[str, Any], path: str, device: Device, ctx_size: int, threads: int):
+        import numpy as np
+        import onnxruntime as ort
+
+        from hanlin.backends.hf_meta import load_folder_template
+        from hanlin.backends.tokenizer import HFTokenizer
+
+        self.session = session
+        self._meta = meta
+        self.model_path = path
+        self.device = device
+        self.context_length = ctx_size
+        self.threads = threads
+        self.tok = HFTokenizer(path)
+        self._template, self._bos_text, self._eos_text = load_folder_template(path)
+        eos = meta.get("eos_token_id")
+        eos = eos if isinstance(eos, list) else [eos]
+        self.eos_token_ids = frozenset(int(e) for e in eos if e is not None) | self.tok.eos_ids
+        self.bos_token_id = meta.get("bos_token_id")
+        self.add_bos = self.tok.add_bos
+        shape = (1, meta["n_kv_heads"], ctx_size, meta["head_dim"])
+        self._buffers = [np.zeros(shape, np.float32) for _ in range(2 * meta["n_layers"])]  # held: the OrtValues point into them
+        self._cache = [ort.OrtValue.ortvalue_from_numpy(b) for b in self._buffers]
+        self._names = [f"{kv}.{i}" for i in range(meta["n_layers"]) for kv in ("key", "value")]
+        self._tokens: list[int] = []  # what the cache holds, for prefix reuse
+
+    # ---- facts and tokens -------------------------------------------------------------
+
+    def metadata(self) -> dict[str, Any]:
+        return {"chat_template": self._template, "bos_token": self._bos_text, "eos_token": self._eos_text,
+                "name": os.path.basename(self.model_path.rstrip("/")), "architecture": self._meta["architecture"],
+                "context_length": self._meta["context_length"], "quant": self._meta["quant"], "precision": "float32"}  # fmt: skip
+
+    def tokenize(self, text: str, *, add_bos: bool = False, special: bool = True) -> list[int]:
+        return self.tok.encode(text, add_bos=add_bos, special=special)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return detokenize_bytes(self, ids)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self.tok.token_bytes(token_id)
+
+    # ---- the forward pass --------------------------------------------------------------
+
+    def _run(self, ids: Sequence[int], start: int, all_logits: bool = False):
+        """Run ids at cache slots [start, start + len(ids)); logits (N, V) for the last position
+        or, with all_logits, for every one. The cache then holds start + len(ids) tokens."""
+        import numpy as np
+
+        T, total = len(ids), start + len(ids)
+        if total > self.context_length:
+            raise ConfigError(f"{total} tokens do not fit the context window of {self.context_length}")
+        io = self.session.io_binding()
+        io.bind_cpu_input("input_ids", np.asarray([ids], dtype=np.int64))
+        io.bind_cpu_input("position_ids", np.arange(start, total, dtype=np.int64)[None])
+        io.bind_cpu_input("logits_index", np.arange(T, dtype=np.int64) if all_logits else np.array([T - 1], np.int64))
+        io.bind_cpu_input("seqlens_k", np.array([total - 1], np.int32))
+        io.bind_cpu_input("total_sequence_length", np.array(total, np.int32))
+        io.bind_output("logits")  # first: get_outputs() lists outputs in binding order
+        for name, value in zip(self._names, self._cache):
+            io.bind_ortvalue_input(f"past_{name}", value)
+            io.bind_ortvalue_output(f"present_{name}", value)  # the same memory: written in place
+        self.session.run_with_iobinding(io)
+        self._tokens = self._tokens[:start] + list(ids)
+        return io.get_outputs()[0].numpy()[0]
+
+    def logits(self, ids: Sequence[int]):
+        """float32 (len(ids), V): the logits at every position of one causal pass."""
+        ids = list(ids)
+        check_scorable(len(ids), self.context_length)
+        return self._run(ids, 0, all_logits=True)
+
+    def score_tokens(self, ids: Sequence[int]) -> TokenScores:
+        from hanlin.backends.cpu.sampling import log_softmax
+
+        ids = list(ids)
+        lps = log_softmax(self.logits(ids)[:-1])
+        target = ids[1:]
+        return TokenScores([float(lps[i, t]) for i, t in enumerate(target)], lps.argmax(axis=-1).tolist())
+
+    # ---- generation ---------------------------------------------------------------------
+
+    def generate(self, prompt_ids: Sequence[int], config: GenerationConfig) -> Iterator[TokenEvent]:
+        if config.json_schema:
+            raise ConfigError("the onnx engine has no constrained decoding: use the torch or gguf engine for json_schema")
+        return stream_tokens(self, prompt_ids, config, lambda ids, max_new: self._raw(ids, config, max_new))
+
+    def _raw(self, prompt: list[int], config: GenerationConfig, max_new: int) -> Iterator[RawToken]:
+        from hanlin.backends.cpu.sampling import Sampler
+
+        reuse = 0
+        for a, b in zip(self._tokens, prompt[:-1]):  # at least one token must run to get logits
+            if a != b:
+                break
+            reuse += 1
+        logits = self._run(prompt[reuse:], reuse)[-1]
+        sampler = Sampler(config, prompt, PENALTY_LAST_N)
+        for i in range(max_new):
+            tok, lp, _ = sampler(logits)
+            yield RawToken(tok, lp if config.logprobs else None)
+            if i + 1 >= max_new or len(self._tokens) >= self.context_length:
+                return
+            logits = self._run([tok], len(self._tokens))[-1]
+
+    def reset(self) -> None:
+        self._tokens = []
+
+    def close(self) -> None:
+        self.session = None
+        self._cache = []
+        self._buffers = []

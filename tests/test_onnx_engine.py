@@ -1,0 +1,216 @@
+"""ONNX export and the ONNX Runtime engine: tiny random-weight models against our torch forward
+(float32 exactly, every cache path), then the real default model exported through the CLI and
+run through the SDK and a real server, with its tokens, scores and greedy text checked against
+the torch engine on the same weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+
+torch = pytest.importorskip("torch")
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+from conftest import run_cli  # noqa: E402
+from test_export import IDS, tiny  # noqa: E402
+
+import hanlin  # noqa: E402
+from hanlin.backends.base import ConfigError, GenerationConfig, ModelError  # noqa: E402
+from hanlin.backends.cpu.onnx_engine import OnnxEngine  # noqa: E402
+from hanlin.backends.cpu.onnx_export import INT8_IN_INT4, _module, export_onnx, quantize_matmuls  # noqa: E402
+from hanlin.devices import get_device  # noqa: E402
+
+CPU = get_device("cpu")
+CHAT = [{"role": "user", "content": "Name three colours of the rainbow."}]
+
+
+def torch_logits(model) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor([IDS]))[0].numpy()
+
+
+@pytest.mark.parametrize("arch,tie", [("llama", True), ("qwen2", False)], ids=["llama-tied", "qwen2"])
+def test_float_graph_equals_torch_on_every_cache_path(tmp_path, default_model_path, arch, tie):
+    model = tiny(arch, tie)
+    want = torch_logits(model)
+    out = export_onnx(model, str(tmp_path / "m"), quant="fp32", tokenizer_from=default_model_path)
+    eng = OnnxEngine.load(out, CPU, ctx_size=32)
+    g = onnx.load(os.path.join(out, "model.onnx"), load_external_data=False).graph
+    for i in range(model.config.n_layers):  # the cache goes straight into attention: no Concat copies it
+        users = [n.op_type for n in g.node if f"past_key.{i}" in n.input or f"past_value.{i}" in n.input]
+        assert users == ["GroupQueryAttention"], users
+    full = eng.logits(IDS)
+    np.testing.assert_allclose(full, want, atol=1e-4, rtol=0)
+    # a prefix in one pass, then one token at a time into the shared buffer: the same numbers
+    eng.reset()
+    steps = [eng._run(IDS[:4], 0)[-1]] + [eng._run([t], 4 + i)[-1] for i, t in enumerate(IDS[4:])]
+    np.testing.assert_allclose(np.stack(steps), want[3:], atol=1e-4, rtol=0)
+    # a second chunk after a cached prefix (a new chat turn) is causal within itself
+    eng.reset()
+    eng._run(IDS[:5], 0)
+    np.testing.assert_allclose(eng._run(IDS[5:], 5, all_logits=True), want[5:], atol=1e-4, rtol=0)
+
+
+def test_int4_keeps_the_sensitive_projections_at_int8(tmp_path, default_model_path):
+    model = tiny("llama", True)
+    f32 = export_onnx(model, str(tmp_path / "f32"), quant="fp32", tokenizer_from=default_model_path)
+    modules = {n.name: _module(n) for n in onnx.load(os.path.join(f32, "model.onnx"), load_external_data=False).graph.node}
+    out = export_onnx(model, str(tmp_path / "q4"), quant="int4", tokenizer_from=default_model_path)
+    g = onnx.load(os.path.join(out, "model.onnx"), load_external_data=False).graph
+    assert not [n for n in g.node if n.op_type == "MatMul"], "every projection is quantized, the lm_head too"
+    bits = {}
+    for n in g.node:
+        if n.op_type == "MatMulNBits":  # the quantizer renames node_linear_2 to node_linear_2_Q8
+            name = "lm_head" if any("lm_w" in i for i in n.input) else modules[n.name.rsplit("_Q", 1)[0]]
+            bits[name] = next(a.i for a in n.attribute if a.name == "bits")
+    assert len(bits) == 2 * 7 + 1
+    for name, b in bits.items():
+        assert b == (8 if name.endswith(INT8_IN_INT4) else 4), (name, b)
+    eng = OnnxEngine.load(out, CPU, ctx_size=32)
+    assert eng.metadata()["quant"] == "int4"
+    got, want = eng.logits(IDS), torch_logits(model)
+    assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.85  # quantized (0.93 measured on random weights), but the same model
+
+
+def test_bad_exports_say_what_is_wrong_and_leave_nothing(tmp_path, default_model_path, monkeypatch):
+    model = tiny("llama", True)
+    with pytest.raises(ValueError, match="int4"):
+        export_onnx(model, str(tmp_path / "x"), quant="int3", tokenizer_from=default_model_path)
+    with pytest.raises(ConfigError, match="fp32, int8, int4"):
+        hanlin.export(default_model_path, str(tmp_path / "x"), to="onnx", quant="q4_k_m")
+    with pytest.raises(ConfigError, match="gguf, onnx, openvino"):
+        hanlin.export(default_model_path, str(tmp_path / "x"), to="tflite")
+    model.config.arch = "mamba"
+    with pytest.raises(ValueError, match="mamba"):
+        export_onnx(model, str(tmp_path / "x"), quant="fp32", tokenizer_from=default_model_path)
+    model.config.arch = "llama"
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    import hanlin.backends.cpu.onnx_export as ox
+
+    monkeypatch.setattr(ox, "quantize_matmuls", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export_onnx(model, str(tmp_path / "x"), quant="int8", tokenizer_from=default_model_path)
+    assert os.listdir(tmp_path) == [], "an interrupted export leaves nothing behind"
+    with pytest.raises(ModelError, match="hanlin_onnx.json"):
+        OnnxEngine.load(str(tmp_path), CPU)
+
+
+# --------------------------------------------------------------------------------------
+# the real default model, exported once through the CLI
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fp32_folder(tmp_path_factory, default_model_path):
+    out = str(tmp_path_factory.mktemp("onnx") / "smol-fp32")
+    r = run_cli("export", default_model_path, out, "--to", "onnx", "--quant", "fp32", timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "onnx fp32" in r.stdout
+    return out
+
+
+@pytest.fixture(scope="module")
+def onnx_llm(fp32_folder):
+    llm = hanlin.load(fp32_folder, ctx_size=1024)
+    yield llm
+    llm.close()
+
+
+@pytest.fixture(scope="module")
+def torch_llm(default_model_path):
+    llm = hanlin.load(default_model_path, engine="torch", ctx_size=1024)
+    yield llm
+    llm.close()
+
+
+def test_auto_selection_and_metadata(onnx_llm, fp32_folder):
+    assert onnx_llm.engine.name == "onnx"
+    meta = onnx_llm.engine.metadata()
+    assert meta["quant"] == "fp32" and meta["precision"] == "float32" and meta["architecture"] == "llama"
+    assert "<|im_start|>" in meta["chat_template"]
+    with open(os.path.join(fp32_folder, "hanlin_onnx.json")) as f:
+        assert json.load(f)["n_layers"] == 30
+
+
+def test_tokenizer_ids_equal_llama_cpp(onnx_llm, raw_llama):
+    text = open(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "datasets", "wikitext2", "test.txt"), encoding="utf-8").read()[:20000]
+    text += "<|im_start|>user\nhé 你好 🙂<|im_end|>"
+    assert onnx_llm.engine.tokenize(text) == raw_llama.tokenize(text.encode(), add_bos=False, special=True)
+
+
+def test_scores_and_greedy_chat_equal_the_torch_engine(onnx_llm, torch_llm):
+    ids = onnx_llm.tokenize("The tower is 324 metres tall, about the same height as an 81-storey building.")
+    a, b = onnx_llm.engine.score_tokens(ids), torch_llm.engine.score_tokens(ids)
+    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-3)
+    assert a.argmax == b.argmax
+    cfg = dict(max_tokens=24, temperature=0)
+    assert onnx_llm.chat(CHAT, **cfg).text == torch_llm.chat(CHAT, **cfg).text
+
+
+def test_multi_turn_prefix_reuse_equals_a_fresh_run(onnx_llm):
+    eng = onnx_llm.engine
+    cfg = GenerationConfig(max_tokens=16, temperature=0, repeat_penalty=1.0)
+    first = onnx_llm.tokenize("<|im_start|>user\nHello!<|im_end|>\n<|im_start|>assistant\n")
+    reply = [e.token_id for e in eng.generate(first, cfg) if e.token_id is not None]
+    second = first + reply + onnx_llm.tokenize("<|im_end|>\n<|im_start|>user\nAnd goodbye?<|im_end|>\n<|im_start|>assistant\n")
+    held = list(eng._tokens)
+    reused = [e.token_id for e in eng.generate(second, cfg)]
+    assert held and second[: len(held)] == held, "the cache holds the first turn"
+    eng.reset()
+    fresh = [e.token_id for e in eng.generate(second, cfg)]
+    assert reused == fresh
+
+
+def test_sampling_is_seeded_and_stops_apply(onnx_llm):
+    kw = dict(max_tokens=20, temperature=0.9, top_k=40, top_p=0.9, min_p=0.05, seed=7)
+    a, b = onnx_llm.chat(CHAT, **kw), onnx_llm.chat(CHAT, **kw)
+    assert a.text == b.text and a.text
+    others = {onnx_llm.chat(CHAT, **{**kw, "seed": s}).text for s in (8, 9, 10)}
+    assert others - {a.text}, "other seeds draw other texts"
+    events = list(onnx_llm.engine.generate(onnx_llm.tokenize("1, 2, 3, 4,"), GenerationConfig(max_tokens=30, temperature=0, stop=(" 7",), logprobs=True)))
+    text = "".join(e.text for e in events)
+    assert events[-1].finish_reason == "stop" and " 7" not in text and "6" in text
+    assert all(e.logprob is not None and e.logprob <= 0 for e in events if e.token_id is not None)
+    with pytest.raises(ConfigError, match="json_schema"):
+        list(onnx_llm.engine.generate([1, 2], GenerationConfig(json_schema='{"type": "object"}')))
+
+
+def test_int8_and_int4_stay_close_to_float(onnx_llm, fp32_folder, tmp_path):
+    text = open(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "datasets", "wikitext2", "test.txt"), encoding="utf-8").read()[:6000]
+    ids = onnx_llm.tokenize(text)[:512]
+    ref = onnx_llm.engine.logits(ids)
+    for quant, bits, min_top1 in (("int8", 8, 0.97), ("int4", 4, 0.80)):
+        folder = tmp_path / quant
+        shutil.copytree(fp32_folder, folder)
+        quantize_matmuls(str(folder / "model.onnx"), bits=bits)
+        eng = OnnxEngine.load(str(folder), CPU, ctx_size=1024)
+        got = eng.logits(ids)
+        top1 = float((got.argmax(-1) == ref.argmax(-1)).mean())
+        assert top1 >= min_top1, (quant, top1)
+        assert os.path.getsize(folder / "model.onnx.data") < os.path.getsize(os.path.join(fp32_folder, "model.onnx.data")) * (0.45 if bits == 8 else 0.4)
+        eng.close()
+
+
+def test_the_server_runs_the_onnx_folder_unchanged(fp32_folder):
+    import httpx
+    from test_server import Server
+
+    s = Server("--model", fp32_folder, "--ctx-size", "512")
+    try:
+        name = httpx.get(s.url + "/v1/models").json()["data"][0]["id"]
+        r = httpx.post(s.url + "/v1/chat/completions", json={"model": name, "messages": CHAT, "max_tokens": 12, "temperature": 0}, timeout=60)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["choices"][0]["message"]["content"].strip() and body["usage"]["completion_tokens"] <= 12
+    finally:
+        s.stop()
