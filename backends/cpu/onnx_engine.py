@@ -121,6 +121,12 @@ class OnnxEngine:
         self._cache = [ort.OrtValue.ortvalue_from_numpy(b) for b in self._buffers]
         self._names = [f"{kv}.{i}" for i in range(meta["n_layers"]) for kv in ("key", "value")]
         self._tokens: list[int] = []  # what the cache holds, for prefix reuse
+        # one binding for the engine's life: the cache is bound once, each step rebinds its inputs
+        self._io = session.io_binding()
+        self._io.bind_output("logits")  # first: get_outputs() lists outputs in binding order
+        for name, value in zip(self._names, self._cache):
+            self._io.bind_ortvalue_input(f"past_{name}", value)
+            self._io.bind_ortvalue_output(f"present_{name}", value)  # the same memory: written in place
 
     # ---- facts and tokens -------------------------------------------------------------
 
@@ -148,16 +154,12 @@ class OnnxEngine:
         T, total = len(ids), start + len(ids)
         if total > self.context_length:
             raise ConfigError(f"{total} tokens do not fit the context window of {self.context_length}")
-        io = self.session.io_binding()
+        io = self._io
         io.bind_cpu_input("input_ids", np.asarray([ids], dtype=np.int64))
-        io.bind_cpu_input("position_ids", np.arange(start, total, dtype=np.int64)[None])
         io.bind_cpu_input("logits_index", np.arange(T, dtype=np.int64) if all_logits else np.array([T - 1], np.int64))
         io.bind_cpu_input("seqlens_k", np.array([total - 1], np.int32))
         io.bind_cpu_input("total_sequence_length", np.array(total, np.int32))
-        io.bind_output("logits")  # first: get_outputs() lists outputs in binding order
-        for name, value in zip(self._names, self._cache):
-            io.bind_ortvalue_input(f"past_{name}", value)
-            io.bind_ortvalue_output(f"present_{name}", value)  # the same memory: written in place
+        io.bind_output("logits")  # unallocated again: its shape changes with N
         self.session.run_with_iobinding(io)
         self._tokens = self._tokens[:start] + list(ids)
         return io.get_outputs()[0].numpy()[0]
@@ -204,6 +206,6 @@ class OnnxEngine:
         self._tokens = []
 
     def close(self) -> None:
-        self.session = None
+        self.session = self._io = None
         self._cache = []
         self._buffers = []

@@ -4,7 +4,7 @@
 
 The graph (traced by torch.onnx.export, the dynamo exporter):
 
-    inputs   input_ids (1, T) int64, position_ids (1, T) int64, logits_index (N,) int64,
+    inputs   input_ids (1, T) int64, logits_index (N,) int64,
              seqlens_k (1,) int32 = tokens in the cache after this step - 1,
              total_sequence_length () int32 = tokens in the cache after this step,
              past_key.i / past_value.i (1, K, S_max, D) float32 for every layer i
@@ -18,11 +18,14 @@ the past buffer itself when present and past are the same memory; the engine bin
 preallocated (1, K, S_max, D) buffer per layer (I/O binding), so a step writes T rows and copies
 nothing else. This is the layout onnxruntime-genai's model builder produces for its own loop.
 torch traces the attention as a custom op (`hanlin::gqa`, with a reference implementation in
-torch), which the exporter's custom translation table turns into that one node.
+torch), which the exporter's custom translation table turns into that one node; the node also
+applies RoPE (do_rotary, from cos/sin tables in the graph), and RMSNorm is opset 23's one
+RMSNormalization op. Profiled on the default model, int4: before these two, 41% of a decode
+step went to the ~20 elementwise ops per layer that spelled out RoPE and RMSNorm.
 
 Weights: "fp32" as traced; "int8"/"int4" weight-only by onnxruntime's own MatMulNBits quantizer
 (blocks of 32 values, symmetric, one float scale per block: the Q8_0/Q4_0 layout llama.cpp uses;
-asymmetric int4 measured no better here). int4 keeps the most sensitive projections at int8, as
+asymmetric int4 measured worse here: 25.6 against 23.7 perplexity). int4 keeps the most sensitive projections at int8, as
 llama.cpp's Q4_K_M does (see INT8_IN_INT4). Every MatMul is quantized, the lm_head included
 (given its own weight when tied to the embedding); the embedding lookup stays float.
 
@@ -54,6 +57,8 @@ def export_onnx(model: Any, out: str, *, quant: str = "int4", tokenizer_from: st
         raise ValueError(f"ONNX export builds {', '.join(ARCHS)} models; {cfg.arch!r} has no graph here")
     if cfg.rope_scaling and (cfg.rope_scaling.get("rope_type") or cfg.rope_scaling.get("type")) == "dynamic":
         raise ValueError("ONNX export cannot hold dynamic (NTK) RoPE scaling: its frequencies change with the length")
+    if cfg.head_dim % 16:
+        raise ValueError(f"ONNX export needs head_dim to be a multiple of 16 (onnxruntime's GroupQueryAttention rotates q/k itself only then); this model has {cfg.head_dim}")
     with folder_written_at(out, prefix=".hanlin-onnx-") as tmp:
         path = os.path.join(tmp, "model.onnx")
         trace(model, path)
@@ -77,35 +82,47 @@ def export_onnx(model: Any, out: str, *, quant: str = "int4", tokenizer_from: st
 
 
 def _gqa_op():
-    """Define `hanlin::gqa` once: torch reference + shape function for tracing."""
+    """Define `hanlin::gqa` once: a torch reference (RoPE, cache write, causal attention) and its
+    shape function for tracing; the exporter swaps the whole op for one GroupQueryAttention."""
     import torch
 
     if hasattr(torch.ops.hanlin, "gqa"):
         return torch.ops.hanlin.gqa
 
-    schema = "(Tensor q, Tensor k, Tensor v, Tensor past_k, Tensor past_v, Tensor seqlens_k, Tensor total, int num_heads, int kv_num_heads) -> (Tensor, Tensor, Tensor)"
+    schema = ("(Tensor q, Tensor k, Tensor v, Tensor past_k, Tensor past_v, Tensor seqlens_k, Tensor total, "
+              "Tensor cos_cache, Tensor sin_cache, int num_heads, int kv_num_heads) -> (Tensor, Tensor, Tensor)")  # fmt: skip
 
     @torch.library.custom_op("hanlin::gqa", mutates_args=(), schema=schema)
-    def gqa(q, k, v, past_k, past_v, seqlens_k, total, num_heads, kv_num_heads):
-        # q (1, T, H*D), k/v (1, T, K*D), past (1, K, S_max, D): the new rows land at
-        # [total - T, total) and each new position attends to everything before it.
+    def gqa(q, k, v, past_k, past_v, seqlens_k, total, cos_cache, sin_cache, num_heads, kv_num_heads):
+        # q (1, T, H*D), k/v (1, T, K*D), past (1, K, S_max, D), cos/sin caches (S_max, D/2):
+        # the new tokens sit at positions [total - T, total): q and k are rotated there, k and v
+        # land in those cache rows, and each new position attends to everything before it.
         _, T, _ = q.shape
         K, D = past_k.shape[1], past_k.shape[3]
         n = int(total)
+        pos = torch.arange(n - T, n)
+        cos, sin = torch.cat([cos_cache[pos]] * 2, -1)[None, :, None], torch.cat([sin_cache[pos]] * 2, -1)[None, :, None]
+        qh = _rope(q.view(1, T, num_heads, D), cos, sin).transpose(1, 2)
         pk, pv = past_k.clone(), past_v.clone()
-        pk[:, :, n - T : n] = k.view(1, T, K, D).transpose(1, 2)
+        pk[:, :, n - T : n] = _rope(k.view(1, T, K, D), cos, sin).transpose(1, 2)
         pv[:, :, n - T : n] = v.view(1, T, K, D).transpose(1, 2)
-        qh = q.view(1, T, num_heads, D).transpose(1, 2)
-        pos = torch.arange(n - T, n)[:, None]
-        mask = (torch.arange(n)[None, :] <= pos)[None, None]
+        mask = (torch.arange(n)[None, :] <= pos[:, None])[None, None]
         out = torch.nn.functional.scaled_dot_product_attention(qh, pk[:, :, :n], pv[:, :, :n], attn_mask=mask, enable_gqa=True)
         return out.transpose(1, 2).reshape(1, T, num_heads * D), pk, pv
 
     @gqa.register_fake
-    def _(q, k, v, past_k, past_v, seqlens_k, total, num_heads, kv_num_heads):
+    def _(q, k, v, past_k, past_v, seqlens_k, total, cos_cache, sin_cache, num_heads, kv_num_heads):
         return torch.empty_like(q), torch.empty_like(past_k), torch.empty_like(past_v)
 
     return torch.ops.hanlin.gqa
+
+
+def _rope(x, cos, sin):
+    # x (1, T, heads, D), cos/sin (1, T, 1, D): the "rotate half" layout of model.apply_rope
+    import torch
+
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
 def _gqa_translation():
@@ -113,32 +130,36 @@ def _gqa_translation():
     from onnxscript._internal.values import Op, Opset
 
     # onnx's own registry has no schema for onnxruntime's contrib ops: describe the part we use
-    P = OpSchema.FormalParameter
+    P, A = OpSchema.FormalParameter, OpSchema.Attribute
     schema = OpSchema(
         "GroupQueryAttention", "com.microsoft", 1,
         inputs=[P("query", "T"), P("key", "T"), P("value", "T"), P("past_key", "T"), P("past_value", "T"),
-                P("seqlens_k", "M"), P("total_sequence_length", "M")],
+                P("seqlens_k", "M"), P("total_sequence_length", "M"), P("cos_cache", "T"), P("sin_cache", "T")],
         outputs=[P("output", "T"), P("present_key", "T"), P("present_value", "T")],
         type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], ""), ("M", ["tensor(int32)"], "")],
-        attributes=[OpSchema.Attribute("num_heads", OpSchema.AttrType.INT, ""), OpSchema.Attribute("kv_num_heads", OpSchema.AttrType.INT, "")],
+        attributes=[A("num_heads", OpSchema.AttrType.INT, ""), A("kv_num_heads", OpSchema.AttrType.INT, ""),
+                    A("do_rotary", OpSchema.AttrType.INT, ""), A("rotary_interleaved", OpSchema.AttrType.INT, "")],
     )  # fmt: skip
     group_query_attention = Op(Opset("com.microsoft", 1), "GroupQueryAttention", schema)
 
-    def gqa(q, k, v, past_k, past_v, seqlens_k, total, num_heads: int, kv_num_heads: int):
-        return group_query_attention(q, k, v, past_k, past_v, seqlens_k, total, num_heads=num_heads, kv_num_heads=kv_num_heads)
+    def gqa(q, k, v, past_k, past_v, seqlens_k, total, cos_cache, sin_cache, num_heads: int, kv_num_heads: int):
+        # do_rotary: the kernel rotates q and k at their positions itself (no Mul/Neg/Concat per layer)
+        return group_query_attention(q, k, v, past_k, past_v, seqlens_k, total, cos_cache, sin_cache,
+                                     num_heads=num_heads, kv_num_heads=kv_num_heads, do_rotary=1, rotary_interleaved=0)  # fmt: skip
 
     return gqa
 
 
 class _Decoder:
-    """The traced function: the native model's weights, attention through hanlin::gqa."""
+    """The traced function: the native model's weights, RMSNorm as one op, attention (with RoPE)
+    through hanlin::gqa."""
 
     def __new__(cls, model):
         import torch
+        import torch.nn.functional as F
 
         gqa = _gqa_op()
         cfg = model.config
-        from hanlin.backends.torch.model import rms_norm
 
         class Decoder(torch.nn.Module):
             def __init__(self):
@@ -149,43 +170,33 @@ class _Decoder:
                 # float it is the biggest read of every decode step (V x C floats).
                 self.lm_w = torch.nn.Parameter(model.lm_head.weight.detach().t().contiguous(), requires_grad=False)
                 self.lm_b = model.lm_head.bias
+                angles = torch.arange(cfg.max_seq_len, dtype=torch.float64)[:, None] * model.inv_freq.double()  # (S_max, D/2)
+                self.register_buffer("cos_cache", angles.cos().float())
+                self.register_buffer("sin_cache", angles.sin().float())
 
-            def forward(self, input_ids, position_ids, logits_index, seqlens_k, total, *past):
+            def forward(self, input_ids, logits_index, seqlens_k, total, *past):
                 m = self.m
-                T = input_ids.shape[1]
+                C, T = cfg.dim, input_ids.shape[1]
                 x = m.embed_tokens(input_ids)  # (1, T, C)
-                angles = position_ids[..., None].float() * m.inv_freq  # (1, T, D/2)
-                emb = torch.cat((angles, angles), dim=-1)[:, :, None]  # (1, T, 1, D)
-                cos, sin = emb.cos(), emb.sin()
                 presents = []
                 for i, layer in enumerate(m.layers):
                     a = layer.self_attn
-                    h = rms_norm(x, layer.input_layernorm.weight, cfg.norm_eps)
-                    q = _rope(a.q_proj(h).view(1, T, cfg.n_heads, cfg.head_dim), cos, sin).reshape(1, T, -1)
-                    k = _rope(a.k_proj(h).view(1, T, cfg.n_kv_heads, cfg.head_dim), cos, sin).reshape(1, T, -1)
-                    v = a.v_proj(h)
-                    o, pk, pv = gqa(q, k, v, past[2 * i], past[2 * i + 1], seqlens_k, total, cfg.n_heads, cfg.n_kv_heads)
+                    h = F.rms_norm(x, (C,), layer.input_layernorm.weight, cfg.norm_eps)
+                    o, pk, pv = gqa(a.q_proj(h), a.k_proj(h), a.v_proj(h), past[2 * i], past[2 * i + 1], seqlens_k, total,
+                                    self.cos_cache, self.sin_cache, cfg.n_heads, cfg.n_kv_heads)  # fmt: skip
                     presents += [pk, pv]
                     x = x + a.o_proj(o)
-                    h = rms_norm(x, layer.post_attention_layernorm.weight, cfg.norm_eps)
-                    x = x + layer.mlp.down_proj(torch.nn.functional.silu(layer.mlp.gate_proj(h)) * layer.mlp.up_proj(h))
-                x = rms_norm(x[:, logits_index], m.norm.weight, cfg.norm_eps)
+                    h = F.rms_norm(x, (C,), layer.post_attention_layernorm.weight, cfg.norm_eps)
+                    x = x + layer.mlp.down_proj(F.silu(layer.mlp.gate_proj(h)) * layer.mlp.up_proj(h))
+                x = F.rms_norm(x[:, logits_index], (C,), m.norm.weight, cfg.norm_eps)
                 logits = torch.matmul(x, self.lm_w)
                 return (logits if self.lm_b is None else logits + self.lm_b, *presents)
 
         return Decoder().eval()
 
 
-def _rope(x, cos, sin):
-    # x (1, T, heads, D), "rotate half" layout as in model.apply_rope
-    import torch
-
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
-
-
 def input_names(n_layers: int) -> list[str]:
-    return ["input_ids", "position_ids", "logits_index", "seqlens_k", "total_sequence_length"] + [
+    return ["input_ids", "logits_index", "seqlens_k", "total_sequence_length"] + [
         f"past_{kv}.{i}" for i in range(n_layers) for kv in ("key", "value")
     ]
 
@@ -198,7 +209,7 @@ def example_inputs(cfg: Any, T: int = 3, S: int = 16) -> tuple:
     import torch
 
     past = [torch.zeros(1, cfg.n_kv_heads, S, cfg.head_dim) for _ in range(2 * cfg.n_layers)]
-    return (torch.arange(T)[None], torch.arange(T)[None], torch.arange(T), torch.tensor([T - 1], dtype=torch.int32),
+    return (torch.arange(T)[None], torch.arange(T), torch.tensor([T - 1], dtype=torch.int32),
             torch.tensor(T, dtype=torch.int32), *past)  # fmt: skip
 
 
@@ -211,12 +222,13 @@ def trace(model: Any, path: str) -> None:
     gqa = _gqa_op()
     T, S, N = torch.export.Dim("T", min=1), torch.export.Dim("S", min=2), torch.export.Dim("N", min=1)
     cache_dims = {2: S}
-    dynamic = ({1: T}, {1: T}, {0: N}, None, None, tuple([cache_dims] * (2 * cfg.n_layers)))  # *past is one tuple
+    dynamic = ({1: T}, {0: N}, None, None, tuple([cache_dims] * (2 * cfg.n_layers)))  # *past is one tuple
     with torch.no_grad():
         prog = torch.onnx.export(
             _Decoder(model), example_inputs(cfg), dynamo=True, dynamic_shapes=dynamic,
             input_names=input_names(cfg.n_layers), output_names=output_names(cfg.n_layers),
             custom_translation_table={gqa.default: _gqa_translation()}, optimize=True,
+            opset_version=23,  # RMSNormalization is one op from opset 23 (else 5 elementwise ops per norm)
         )  # fmt: skip
     prog.save(path, external_data=True)
 
