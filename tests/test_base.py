@@ -135,7 +135,7 @@ def test_selection_explains_every_engine_and_honours_requests(monkeypatch):
     @register
     class OnnxOnly:  # a second engine, registered the way every engine is
         name = "test-onnx-only"
-        capabilities = Capabilities(formats=frozenset({"onnx"}), device_kinds=frozenset({"cpu"}), priority=5)
+        capabilities = Capabilities(formats=frozenset({"onnx"}), device_kinds=frozenset({"cpu"}), priority=500)  # above the real onnx engine
 
         @classmethod
         def available(cls, device):
@@ -147,6 +147,7 @@ def test_selection_explains_every_engine_and_honours_requests(monkeypatch):
     assert "gguf: chosen" in text
     assert "test-onnx-only: skipped: does not read gguf models (reads onnx)" in text
     assert select_engine("onnx", cpu).engine is OnnxOnly
+    assert "onnx: could run it too, lower priority" in select_engine("onnx", cpu).explain()
     with pytest.raises(EngineUnavailable, match="engine 'test-onnx-only' cannot run this model here: does not read gguf"):
         select_engine("gguf", cpu, "test-onnx-only")
     with pytest.raises(EngineUnavailable, match="unknown engine 'nope'; known engines: .*gguf"):
