@@ -93,16 +93,39 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--force", action="store_true", help="download again even if the model is here")
     pl.set_defaults(func=cmd_pull)
 
-    ex = sub.add_parser("export", help="write a model as a GGUF file for llama.cpp, phones and laptops",
-                        description="Export a model the native engine loads (a catalogue name, a .gguf file or an HF folder) as GGUF: "
-                        "float (F16, F32) written by hanlin, any other type by llama.cpp's own quantizer. The file is written "
-                        "beside OUT and renamed into place.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    ex = sub.add_parser("export", help="write a model as GGUF, ONNX or OpenVINO for phones, laptops and CPUs",
+                        description="Export a model the native engine loads (a catalogue name, a .gguf file or an HF folder). "
+                        "gguf: one file, float (F16, F32) written by hanlin, any other type by llama.cpp's own quantizer. "
+                        "onnx: a folder for ONNX Runtime (fp32, int8, int4, int4-hqq weights by onnxruntime's MatMulNBits quantizer). "
+                        "openvino: a folder for OpenVINO (f32, int8, int4 weights by NNCF). `hanlin chat --model OUT` runs "
+                        "the result with the matching engine. Everything is written beside OUT and renamed into place.")  # fmt: skip
     ex.add_argument("model", help="catalogue name, .gguf file or HF model folder")
-    ex.add_argument("out", help="the file to write, e.g. smol-q8_0.gguf")
-    ex.add_argument("--to", default="gguf", choices=["gguf"], help="output format")
-    ex.add_argument("--quant", "-q", default="F16", help="F16, F32, or a llama.cpp type: Q8_0, Q4_0, Q4_K_M, Q5_K_M, ...")
-    ex.add_argument("--tokenizer-from", default=None, help="a GGUF with the model's tokenizer and chat template (needed for an HF folder)")
+    ex.add_argument("out", help="the file (gguf) or folder (onnx, openvino) to write, e.g. smol-q8_0.gguf")
+    ex.add_argument("--to", default="gguf", choices=["gguf", "onnx", "openvino"], help="output format (default: gguf)")
+    ex.add_argument("--quant", "-q", default=None,
+                    help="gguf: F16 (default), F32 or a llama.cpp type (Q8_0, Q4_0, Q4_K_M, Q5_K_M, ...); "
+                    "onnx: fp32, int8, int4 (default), int4-hqq; openvino: f32, int8 (default), int4")  # fmt: skip
+    ex.add_argument("--tokenizer-from", default=None, help="a GGUF with the model's tokenizer and chat template (needed for an HF folder to gguf/openvino)")
     ex.set_defaults(func=cmd_export)
+
+    qr = sub.add_parser("quant-report", help="what each format and quantization of a model costs: perplexity, KL, speed, memory",
+                        description="Export a model to every format and quantization available here (GGUF, ONNX, OpenVINO) and "
+                        "measure each against the float model (hanlin's torch engine in float32): file size, WikiText-2 perplexity "
+                        "(llama.cpp's method), mean KL divergence and top-1 agreement, greedy decode tokens/s and peak RSS, each "
+                        "variant in its own process. A variant that cannot be exported or loaded here is listed with the reason.")  # fmt: skip
+    qr.add_argument("model", nargs="?", default=None, help="catalogue name, .gguf file or HF model folder (default: smollm2-135m-instruct)")
+    qr.add_argument("--formats", default="gguf,onnx,openvino", help="comma-separated formats to export (default: gguf,onnx,openvino)")
+    qr.add_argument("--quants", default=None, help="comma-separated quantizations to keep, e.g. Q8_0,int4 (default: F16,Q8_0,Q5_K_M,"
+                    "Q4_K_M,Q4_0 for GGUF; fp32,int8,int4,int4-hqq for ONNX; f32,int8,int4 for OpenVINO)")  # fmt: skip
+    qr.add_argument("--tokens", type=int, default=8192, help="WikiText-2 tokens to use; the second half of each chunk is scored (default: 8192)")
+    qr.add_argument("--ctx", type=int, default=512, help="tokens per perplexity chunk (default: 512)")
+    qr.add_argument("--decode-tokens", type=int, default=128, help="most tokens generated per decode-speed run (default: 128)")
+    qr.add_argument("--runs", type=int, default=2, help="decode-speed runs per variant, the median is reported (default: 2)")
+    qr.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
+    qr.add_argument("--keep", default=None, metavar="DIR", help="keep the exported files in DIR (and reuse those already there); default: a temporary folder, removed")
+    qr.add_argument("--text", default=None, metavar="FILE", help="evaluation text (default: ../shared/datasets/wikitext2/test.txt)")
+    qr.add_argument("--json", action="store_true", help="print one JSON object (rows, reference, settings, machine) instead of the table")
+    qr.set_defaults(func=cmd_quant_report)
 
     sv = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API",
                         description="Serve a model over an OpenAI-compatible API (FastAPI + uvicorn) on 127.0.0.1:8000 by default. "
@@ -220,11 +243,25 @@ def cmd_pull(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     import time
 
-    from hanlin.export import export
+    from hanlin.export import DEFAULT_QUANT, export
 
     t0 = time.perf_counter()
     out = export(args.model, args.out, to=args.to, quant=args.quant, tokenizer_from=args.tokenizer_from)
-    print(f"wrote {out} ({os.path.getsize(out) / 2**20:.1f} MiB, {args.quant.upper()}) in {time.perf_counter() - t0:.1f} s")
+    size = os.path.getsize(out) if os.path.isfile(out) else sum(e.stat().st_size for e in os.scandir(out) if e.is_file())
+    quant = args.quant or DEFAULT_QUANT[args.to]
+    print(f"wrote {out} ({size / 2**20:.1f} MiB, {args.to} {quant}) in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def cmd_quant_report(args: argparse.Namespace) -> int:
+    import hanlin
+    from hanlin.quant_report import Settings, format_table, parse_list, quant_report
+
+    settings = Settings(model=args.model or hanlin.DEFAULT_MODEL, formats=parse_list(args.formats) or (), quants=parse_list(args.quants),
+                        tokens=args.tokens, ctx=args.ctx, decode_tokens=args.decode_tokens, runs=args.runs, threads=args.threads,
+                        keep=args.keep, text=args.text)  # fmt: skip
+    report = quant_report(settings, log=lambda line: print(f"quant-report: {line}", file=sys.stderr, flush=True))
+    print(json.dumps(report, indent=2) if args.json else format_table(report))
     return 0
 
 

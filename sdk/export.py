@@ -27,7 +27,7 @@ from hanlin.catalog import resolve
 # format -> the weight types it takes (GGUF: F16/F32 here, the rest whatever llama.cpp knows)
 QUANTS = {
     "gguf": ("F16", "F32", "Q8_0", "Q4_0", "Q4_1", "Q5_K_M", "Q4_K_M", "..."),
-    "onnx": ("fp32", "int8", "int4"),
+    "onnx": ("fp32", "int8", "int4", "int4-hqq"),
     "openvino": ("f32", "int8", "int4"),
 }
 FORMATS = tuple(QUANTS)

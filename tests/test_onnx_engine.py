@@ -83,7 +83,7 @@ def test_bad_exports_say_what_is_wrong_and_leave_nothing(tmp_path, default_model
     model = tiny("llama", True)
     with pytest.raises(ValueError, match="int4"):
         export_onnx(model, str(tmp_path / "x"), quant="int3", tokenizer_from=default_model_path)
-    with pytest.raises(ConfigError, match="fp32, int8, int4"):
+    with pytest.raises(ConfigError, match="fp32, int8, int4, int4-hqq"):
         hanlin.export(default_model_path, str(tmp_path / "x"), to="onnx", quant="q4_k_m")
     with pytest.raises(ConfigError, match="gguf, onnx, openvino"):
         hanlin.export(default_model_path, str(tmp_path / "x"), to="tflite")

@@ -1,6 +1,6 @@
 """Decode speed of every engine on the same model, prompt and settings, in one run.
 
-    python tools/bench_decode.py [--model NAME_OR_GGUF] [--tokens 128] [--runs 5] [--rows ...]
+    python tools/bench_decode.py [--model NAME_OR_GGUF] [--tokens 128] [--runs 5] [--rows ...] [--folder ROW=PATH ...]
 
 Two parts, printed as one JSON object:
 
@@ -16,7 +16,8 @@ Two parts, printed as one JSON object:
    batch call, prefill included: a conservative figure). Targets: torch float32 >= 2x
    transformers, batch-8 aggregate >= 4x torch float32 single. Where an NVIDIA GPU is at
    hand, the same rows in bfloat16 on CUDA (torch, transformers, torch batch of 8), with the
-   GPU's peak allocated memory.
+   GPU's peak allocated memory. `--folder onnx_int4=PATH` adds a row for an exported folder
+   (ONNX or OpenVINO, run by its own engine) and its ratio to the llama_cpp row (target >= 1).
 
 All rows decode greedily with repeat_penalty 1.0, so they produce the same kind of work.
 """
@@ -132,7 +133,7 @@ def sdk_overhead(model: str, tokens: int, runs: int, threads: int | None, ctx: i
 # --------------------------------------------------------------------------------------
 
 
-def run_row(row: str, model: str, tokens: int, runs: int, ctx: int) -> dict:
+def run_row(row: str, model: str, tokens: int, runs: int, ctx: int, folder: str | None = None) -> dict:
     import hanlin
 
     device = "cuda" if "_cuda_" in row else "cpu"
@@ -140,6 +141,8 @@ def run_row(row: str, model: str, tokens: int, runs: int, ctx: int) -> dict:
         return transformers_row(model, tokens, runs, device)
     engine = "gguf" if row == "llama_cpp" else "torch"
     opts = {} if engine == "gguf" else {"dtype": "bfloat16" if "bfloat16" in row else "float32"}
+    if folder:  # an exported model (hanlin export --to onnx/openvino): its own engine, chosen as `hanlin chat` would
+        model, engine, opts = folder, "auto", {}
     t0 = time.perf_counter()
     llm = hanlin.load(model, device=device, engine=engine, ctx_size=ctx, pull_missing=True, **opts)
     load_s = time.perf_counter() - t0
@@ -215,11 +218,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--ctx-size", type=int, default=2048)
     ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}, or 'none'")
+    ap.add_argument("--folder", action="append", default=[], metavar="ROW=PATH",
+                    help="an extra row: an exported model folder (e.g. onnx_int4=smol-onnx-int4), run by its own engine; repeatable")
     ap.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row in this process
     args = ap.parse_args(argv)
+    folders = dict(f.split("=", 1) for f in args.folder if "=" in f)
+    if len(folders) != len(args.folder):
+        ap.error("--folder takes ROW=PATH, e.g. onnx_int4=smol-onnx-int4")
 
     if args.row:
-        out = run_row(args.row, args.model, args.tokens, args.runs, args.ctx_size)
+        out = run_row(args.row, args.model, args.tokens, args.runs, args.ctx_size, folders.get(args.row))
         out["peak_rss_mb"] = round(peak_rss_mb(), 1)
         if "_cuda_" in args.row:
             import torch
@@ -241,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         if row not in ROWS:
             ap.error(f"unknown row {row!r}; rows: {', '.join(ROWS)}")
+    rows += list(folders)
     if "torch_bfloat16" in rows:
         from hanlin.devices import get_device
 
@@ -260,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(args.runs):
         for row in rows:
             cmd = [sys.executable, os.path.abspath(__file__), "--row", row, "--model", args.model, "--tokens", str(args.tokens),
-                   "--runs", "1", "--ctx-size", str(args.ctx_size)]  # fmt: skip
+                   "--runs", "1", "--ctx-size", str(args.ctx_size)] + [f"--folder={f}" for f in args.folder]  # fmt: skip
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 samples[row].append({"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"})
@@ -289,6 +298,10 @@ def main(argv: list[str] | None = None) -> int:
     if rate("torch_float32") and rate("torch_float32_batch8"):
         x = rate("torch_float32_batch8") / rate("torch_float32")
         result["batch8_vs_single"] = {"ratio": round(x, 3), "target": 4.0, "meets_target": x >= 4.0}
+    for name in folders:  # issue 5's target: an exported CPU model at least as fast as llama.cpp on the original file
+        if rate(name) and rate("llama_cpp"):
+            x = rate(name) / rate("llama_cpp")
+            result[f"{name}_vs_llama_cpp"] = {"ratio": round(x, 3), "target": 1.0, "meets_target": x >= 1.0}
     print(json.dumps(result, indent=2))
     return 0
 

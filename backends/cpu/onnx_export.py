@@ -24,10 +24,11 @@ RMSNormalization op. Profiled on the default model, int4: before these two, 41% 
 step went to the ~20 elementwise ops per layer that spelled out RoPE and RMSNorm.
 
 Weights: "fp32" as traced; "int8"/"int4" weight-only by onnxruntime's own MatMulNBits quantizer
-(blocks of 32 values, symmetric, one float scale per block: the Q8_0/Q4_0 layout llama.cpp uses;
-asymmetric int4 measured worse here: 25.6 against 23.7 perplexity). int4 keeps the most sensitive projections at int8, as
-llama.cpp's Q4_K_M does (see INT8_IN_INT4). Every MatMul is quantized, the lm_head included
-(given its own weight when tied to the embedding); the embedding lookup stays float.
+in blocks of 32 values: int8 symmetric (the Q8_0 layout); int4 symmetric with v_proj, down_proj
+and the lm_head kept at int8; int4-hqq by HQQ with the lm_head at int8 (more accurate, much
+slower here; see INT8_IN_INT4 for the measurements). Every MatMul is quantized, the
+lm_head included (given its own weight when tied to the embedding); the embedding lookup stays
+float.
 
 The folder holds model.onnx (+ model.onnx.data), the tokenizer files (tokenizer.json ...) and
 hanlin_onnx.json (the shapes the engine needs). It is written beside OUT and renamed into place.
@@ -39,7 +40,7 @@ import json
 import os
 from typing import Any
 
-QUANTS = ("fp32", "int8", "int4")
+QUANTS = ("fp32", "int8", "int4", "int4-hqq")
 BLOCK = 32
 ARCHS = ("llama", "qwen2", "internlm2")  # what the native engine builds; all share this graph
 META = "hanlin_onnx.json"
@@ -63,7 +64,7 @@ def export_onnx(model: Any, out: str, *, quant: str = "int4", tokenizer_from: st
         path = os.path.join(tmp, "model.onnx")
         trace(model, path)
         if quant != "fp32":
-            quantize_matmuls(path, bits=8 if quant == "int8" else 4)
+            quantize_matmuls(path, bits=8 if quant == "int8" else 4, hqq=quant == "int4-hqq")
         write_tokenizer_files(tokenizer_from, tmp)
         meta = {
             "format": "onnx", "quant": quant, "architecture": cfg.arch, "n_layers": cfg.n_layers,
@@ -233,41 +234,49 @@ def trace(model: Any, path: str) -> None:
     prog.save(path, external_data=True)
 
 
-# int4 keeps these at int8: the projections whose quantization error costs the most perplexity
-# (llama.cpp's Q4_K_M keeps attn_v, ffn_down and output at 6 bits for the same reason).
-# Measured on SmolLM2-135M, WikiText-2, 2048 scored tokens, float 21.56: all int4 25.30 (+17%),
-# lm_head at int8 23.68 (+9.8%), + ffn_down 22.61 (+4.9%), + attn_v 22.51 (+4.4%).
+# int4 (round-to-nearest, symmetric blocks of 32) keeps these at int8: the projections whose
+# rounding costs the most perplexity (llama.cpp's Q4_K_M keeps attn_v, ffn_down and output at
+# 6 bits for the same reason). Measured on the default model, WikiText-2, 2048 scored tokens,
+# float 21.56: all int4 25.30 (+17%), lm_head at int8 23.68 (+9.8%), + down_proj 22.61 (+4.9%),
+# + v_proj 22.51 (+4.4%); on the quant report's 4096 tokens this recipe is +7.6%.
 INT8_IN_INT4 = ("self_attn.v_proj", "mlp.down_proj", "lm_head")
+# int4-hqq: HQQ (half-quadratic: scale and zero point of each block fitted to minimise the
+# weight error, no calibration data) for every projection, the lm_head at int8. 4096 tokens,
+# float 23.604: 23.587 (-0.1%; HQQ with the lm_head at int4 too: 25.53). Caveat: the default
+# model's only copy here is Q4_1 (asymmetric 4-bit blocks of 32), a grid an asymmetric block-32
+# quantizer can nearly reproduce. Its zero points are float, which onnxruntime's CPU kernels
+# have no fast path for: it decodes ~10x slower than int4 here, so it is not the default.
 
 
-def quantize_matmuls(path: str, *, bits: int) -> None:
+def quantize_matmuls(path: str, *, bits: int, hqq: bool = False) -> None:
     """Weight-only int4/int8 of every MatMul with a constant weight, in place (MatMulNBits).
 
-    int8: every projection at 8 bits, computed in float32 (accuracy_level 1): MLAS's int8
-    activation path measured +1.0% perplexity against +0.5% for float32 compute.
-    int4: 4 bits, except INT8_IN_INT4 at 8 bits; activations quantized to int8 per block in the
-    kernel (accuracy_level 4, MLAS's fast path), which measured within 0.2% of float32 compute.
+    Activations are quantized to int8 per block inside the kernel (accuracy_level 4): that is
+    MLAS's fast path on CPUs; float32 compute (accuracy_level 1) measured +0.24% instead of
+    +1.0% perplexity for int8 but decoded at under 3 tokens/s here, against ~50.
     """
     import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig
 
     model = onnx.load(path)
     matmuls = [n for n in model.graph.node if n.op_type == "MatMul"]
     if bits == 8:
-        model = _quantize(model, 8, accuracy=1)
+        model = _quantize(model, 8, accuracy=4)
     else:
-        keep8 = {n.name for n in matmuls if _module(n).endswith(INT8_IN_INT4[:2]) or "lm_w" in n.input}
+        roles = ("lm_head",) if hqq else INT8_IN_INT4
+        keep8 = {n.name for n in matmuls if _module(n).endswith(roles) or ("lm_head" in roles and "lm_w" in n.input)}
         model = _quantize(model, 8, accuracy=4, exclude=[n.name for n in matmuls if n.name not in keep8])
-        model = _quantize(model, 4, accuracy=4)
+        model = _quantize(model, 4, accuracy=4, algo=HQQWeightOnlyQuantConfig(block_size=BLOCK, bits=4) if hqq else None)
     data = os.path.basename(path) + ".data"
     os.remove(os.path.join(os.path.dirname(path), data))
     onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location=data)
 
 
-def _quantize(model, bits: int, *, accuracy: int, exclude: list[str] | None = None):
+def _quantize(model, bits: int, *, accuracy: int, exclude: list[str] | None = None, algo=None):
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    q = MatMulNBitsQuantizer(model, bits=bits, block_size=BLOCK, is_symmetric=True, accuracy_level=accuracy, nodes_to_exclude=exclude or [])
+    q = MatMulNBitsQuantizer(model, bits=bits, block_size=BLOCK, is_symmetric=True, accuracy_level=accuracy,
+                             nodes_to_exclude=exclude or [], algo_config=algo)  # fmt: skip
     q.process()
     return q.model.model
 

@@ -248,6 +248,35 @@ class GGUFEngine:
             llm.reset()
         return TokenScores(logprobs, argmax)
 
+    def logits(self, ids: Sequence[int]) -> Any:
+        """float32 numpy (len(ids), V): the raw logits at every position of one causal pass
+        from an empty cache, as score_tokens computes them (n_batch pieces, logits for every
+        position), copied out row by row through llama_get_logits_ith, which maps a batch
+        position to its output row. The cache is cleared afterwards, ready to generate."""
+        import llama_cpp
+        import numpy as np
+        from llama_cpp._internals import LlamaBatch
+
+        ids = list(ids)
+        check_scorable(len(ids), self.context_length)
+        llm = self._llm
+        llm._ctx.kv_cache_clear()
+        llm.reset()
+        n_vocab, step = llm.n_vocab(), llm.n_batch
+        out = np.empty((len(ids), n_vocab), dtype=np.float32)
+        batch = LlamaBatch(n_tokens=step, embd=0, n_seq_max=1)
+        try:
+            for start in range(0, len(ids), step):
+                chunk = ids[start : start + step]
+                batch.set_batch(chunk, n_past=start, logits_all=True)
+                llm._ctx.decode(batch)
+                for i in range(len(chunk)):
+                    out[start + i] = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, i), shape=(n_vocab,))
+        finally:
+            llm._ctx.kv_cache_clear()
+            llm.reset()
+        return out
+
     def reset(self) -> None:
         """Forget the cached prompt prefix: the next generate evaluates its whole prompt."""
         self._llm.reset()
