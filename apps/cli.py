@@ -249,6 +249,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = export(args.model, args.out, to=args.to, quant=args.quant, tokenizer_from=args.tokenizer_from)
     size = os.path.getsize(out) if os.path.isfile(out) else sum(e.stat().st_size for e in os.scandir(out) if e.is_file())
     quant = args.quant or DEFAULT_QUANT[args.to]
+    quant = quant.upper() if args.to == "gguf" else quant.lower()  # as each format names its types
     print(f"wrote {out} ({size / 2**20:.1f} MiB, {args.to} {quant}) in {time.perf_counter() - t0:.1f} s")
     return 0
 

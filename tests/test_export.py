@@ -119,8 +119,8 @@ def test_bad_input_is_named_and_leaves_nothing_behind(tmp_path, default_model_pa
 
     with pytest.raises(ConfigError, match=r"unknown GGUF quantization 'Q9_9'.*Q4_K_M"):
         hanlin.export(default_model_path, str(tmp_path / "x.gguf"), quant="Q9_9")
-    with pytest.raises(ConfigError, match="export format 'onnx'"):
-        hanlin.export(default_model_path, str(tmp_path / "x.onnx"), to="onnx")
+    with pytest.raises(ConfigError, match="export format 'tflite' is unknown: hanlin writes gguf, onnx, openvino"):
+        hanlin.export(default_model_path, str(tmp_path / "x.tflite"), to="tflite")
     bad = tmp_path / "not-a-model.gguf"
     bad.write_bytes(b"GGUF" + b"\0" * 64)
     with pytest.raises(RuntimeError, match="could not quantize"):
