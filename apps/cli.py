@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="write a model as GGUF, ONNX or OpenVINO for phones, laptops and CPUs",
                         description="Export a model the native engine loads (a catalogue name, a .gguf file or an HF folder). "
                         "gguf: one file, float (F16, F32) written by hanlin, any other type by llama.cpp's own quantizer. "
-                        "onnx: a folder for ONNX Runtime (fp32, int8, int4, int4-hqq weights by onnxruntime's MatMulNBits quantizer). "
+                        "onnx: a folder for ONNX Runtime (MatMulNBits weights: fp32, int8, int4 by GPTQ, int4-rtn, int4-hqq). "
                         "openvino: a folder for OpenVINO (f32, int8, int4 weights by NNCF). `hanlin chat --model OUT` runs "
                         "the result with the matching engine. Everything is written beside OUT and renamed into place.")  # fmt: skip
     ex.add_argument("model", help="catalogue name, .gguf file or HF model folder")
@@ -104,7 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--to", default="gguf", choices=["gguf", "onnx", "openvino"], help="output format (default: gguf)")
     ex.add_argument("--quant", "-q", default=None,
                     help="gguf: F16 (default), F32 or a llama.cpp type (Q8_0, Q4_0, Q4_K_M, Q5_K_M, ...); "
-                    "onnx: fp32, int8, int4 (default), int4-hqq; openvino: f32, int8 (default), int4")  # fmt: skip
+                    "onnx: fp32, int8, int4 (default: GPTQ, calibrated), int4-rtn (round-to-nearest, no calibration), int4-hqq; "
+                    "openvino: f32, int8 (default), int4")  # fmt: skip
+    ex.add_argument("--calibration", default=None, metavar="FILE",
+                    help="onnx int4: a UTF-8 text GPTQ calibrates on (32 windows of 512 tokens; text like the model's use is best); "
+                    "default: text the model writes itself")  # fmt: skip
     ex.add_argument("--tokenizer-from", default=None, help="a GGUF with the model's tokenizer and chat template (needed for an HF folder to gguf/openvino)")
     ex.set_defaults(func=cmd_export)
 
@@ -246,7 +250,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from hanlin.export import DEFAULT_QUANT, export
 
     t0 = time.perf_counter()
-    out = export(args.model, args.out, to=args.to, quant=args.quant, tokenizer_from=args.tokenizer_from)
+    out = export(args.model, args.out, to=args.to, quant=args.quant, tokenizer_from=args.tokenizer_from, calibration=args.calibration,
+                 log=lambda m: print(m, file=sys.stderr, flush=True))  # fmt: skip
     size = os.path.getsize(out) if os.path.isfile(out) else sum(e.stat().st_size for e in os.scandir(out) if e.is_file())
     quant = args.quant or DEFAULT_QUANT[args.to]
     quant = quant.upper() if args.to == "gguf" else quant.lower()  # as each format names its types

@@ -7,8 +7,10 @@
 GGUF: the native engine's weights are written as a float GGUF (backends/torch/export_gguf.py),
 then, for any other type, quantized by llama.cpp's own quantizer (backends/gguf/quantize.py).
 ONNX: the native engine's weights traced by torch.onnx.export into a graph with the KV cache
-as inputs/outputs, weight-only int8/int4 by onnxruntime's own quantizer
-(backends/cpu/onnx_export.py); the output is a folder with the tokenizer beside the graph.
+as inputs/outputs; weights int8 by onnxruntime's own quantizer, int4 by GPTQ (calibrated on
+`calibration`, a text file, or on text the model writes itself; backends/cpu/gptq.py) in
+onnxruntime's MatMulNBits layout (backends/cpu/onnx_export.py); the output is a folder with the
+tokenizer beside the graph.
 OpenVINO: from a float GGUF written as above, read by OpenVINO GenAI and weight-compressed by
 NNCF (backends/cpu/openvino_export.py); a folder too.
 
@@ -27,14 +29,15 @@ from hanlin.catalog import resolve
 # format -> the weight types it takes (GGUF: F16/F32 here, the rest whatever llama.cpp knows)
 QUANTS = {
     "gguf": ("F16", "F32", "Q8_0", "Q4_0", "Q4_1", "Q5_K_M", "Q4_K_M", "..."),
-    "onnx": ("fp32", "int8", "int4", "int4-hqq"),
+    "onnx": ("fp32", "int8", "int4", "int4-rtn", "int4-hqq"),
     "openvino": ("f32", "int8", "int4"),
 }
 FORMATS = tuple(QUANTS)
 DEFAULT_QUANT = {"gguf": "F16", "onnx": "int4", "openvino": "int8"}
 
 
-def export(model: str, out: str, *, to: str = "gguf", quant: str | None = None, tokenizer_from: str | None = None) -> str:
+def export(model: str, out: str, *, to: str = "gguf", quant: str | None = None, tokenizer_from: str | None = None,
+           calibration: str | None = None, log=None) -> str:  # fmt: skip
     """Write `model` (a catalogue name, a GGUF file or an HF folder) as `to` with weights `quant`.
 
     For GGUF the tokenizer and chat template come from a GGUF: the model itself when it is
@@ -45,6 +48,10 @@ def export(model: str, out: str, *, to: str = "gguf", quant: str | None = None, 
     quant = quant or DEFAULT_QUANT[to]
     if to != "gguf" and quant.lower() not in QUANTS[to]:
         raise ConfigError(f"{to} export does not take quant={quant!r}: use one of {', '.join(QUANTS[to])}")
+    if calibration is not None and (to, quant.lower()) != ("onnx", "int4"):
+        raise ConfigError(f"a calibration text is for ONNX int4 (GPTQ); {to} {quant} does not use one")
+    if calibration is not None and not os.path.isfile(calibration):
+        raise ConfigError(f"calibration text {calibration!r} is not a file")
     src = resolve(model)
     tok = tokenizer_from or src.path
     if to in ("gguf", "openvino") and src.format != "gguf" and tokenizer_from is None:  # OpenVINO goes through a GGUF
@@ -55,7 +62,7 @@ def export(model: str, out: str, *, to: str = "gguf", quant: str | None = None, 
         if to == "onnx":
             from hanlin.backends.cpu.onnx_export import export_onnx
 
-            return export_onnx(_load_weights(src), out, quant=quant.lower(), tokenizer_from=tok)
+            return export_onnx(_load_weights(src), out, quant=quant.lower(), tokenizer_from=tok, calibration=calibration, log=log)
         from hanlin.backends.cpu.openvino_export import export_openvino
 
         with _scratch(out) as scratch:  # OpenVINO reads the model from a float GGUF

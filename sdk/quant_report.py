@@ -512,6 +512,9 @@ def variant_job(job: dict[str, Any]) -> dict[str, Any]:
     ref = np.load(os.path.join(job["work"], "ref.npy"), mmap_mode="r")
     out.update(evaluate(llm.engine, chunks, ref, job["ctx"]))
     out.update(engine=llm.engine.name, load_s=round(load_s, 2))
+    calibration = llm.engine.metadata().get("calibration")
+    if calibration:  # GPTQ's calibration text: part of what the row measured
+        out["calibration"] = calibration
     if job["role"] == "source":
         out["quant"] = source_type(job["path"]) or "as is"
     return out

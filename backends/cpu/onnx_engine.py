@@ -133,7 +133,8 @@ class OnnxEngine:
     def metadata(self) -> dict[str, Any]:
         return {"chat_template": self._template, "bos_token": self._bos_text, "eos_token": self._eos_text,
                 "name": os.path.basename(self.model_path.rstrip("/")), "architecture": self._meta["architecture"],
-                "context_length": self._meta["context_length"], "quant": self._meta["quant"], "precision": "float32"}  # fmt: skip
+                "context_length": self._meta["context_length"], "quant": self._meta["quant"], "precision": "float32",
+                **({"calibration": self._meta["calibration"]} if self._meta.get("calibration") else {})}  # fmt: skip
 
     def tokenize(self, text: str, *, add_bos: bool = False, special: bool = True) -> list[int]:
         return self.tok.encode(text, add_bos=add_bos, special=special)

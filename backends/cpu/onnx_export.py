@@ -23,12 +23,14 @@ applies RoPE (do_rotary, from cos/sin tables in the graph), and RMSNorm is opset
 RMSNormalization op. Profiled on the default model, int4: before these two, 41% of a decode
 step went to the ~20 elementwise ops per layer that spelled out RoPE and RMSNorm.
 
-Weights: "fp32" as traced; "int8"/"int4" weight-only by onnxruntime's own MatMulNBits quantizer
-in blocks of 32 values: int8 symmetric (the Q8_0 layout); int4 symmetric with v_proj, down_proj
-and the lm_head kept at int8; int4-hqq by HQQ with the lm_head at int8 (more accurate, much
-slower here; see INT8_IN_INT4 for the measurements). Every MatMul is quantized, the
-lm_head included (given its own weight when tied to the embedding); the embedding lookup stays
-float.
+Weights, all as onnxruntime's MatMulNBits in blocks of 32 values along K: "fp32" as traced;
+"int8" symmetric round-to-nearest (the Q8_0 layout, onnxruntime's own quantizer); "int4" GPTQ
+(gptq.py: asymmetric, integer zero points, calibrated, every projection and the lm_head at 4
+bits); "int4-rtn" symmetric round-to-nearest with v_proj, down_proj and the lm_head at int8 (no
+calibration: a quick export); "int4-hqq" by HQQ with the lm_head at int8 (accurate, but its
+float zero points have no fast kernel here). See INT8_IN_INT4 and gptq.py for the measurements.
+Every MatMul is quantized, the lm_head included (given its own weight when tied to the
+embedding); the embedding lookup stays float.
 
 The folder holds model.onnx (+ model.onnx.data), the tokenizer files (tokenizer.json ...) and
 hanlin_onnx.json (the shapes the engine needs). It is written beside OUT and renamed into place.
@@ -38,16 +40,19 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, Callable
 
-QUANTS = ("fp32", "int8", "int4", "int4-hqq")
+QUANTS = ("fp32", "int8", "int4", "int4-rtn", "int4-hqq")
 BLOCK = 32
+CALIB_SEQ, CALIB_LEN = 32, 512  # GPTQ calibration: 16k tokens
 ARCHS = ("llama", "qwen2", "internlm2")  # what the native engine builds; all share this graph
 META = "hanlin_onnx.json"
 
 
-def export_onnx(model: Any, out: str, *, quant: str = "int4", tokenizer_from: str) -> str:
-    """Write the Transformer `model` as an ONNX folder at `out` with `quant` weights."""
+def export_onnx(model: Any, out: str, *, quant: str = "int4", tokenizer_from: str, calibration: str | None = None,
+                log: Callable[[str], None] | None = None) -> str:  # fmt: skip
+    """Write the Transformer `model` as an ONNX folder at `out` with `quant` weights; int4
+    (GPTQ) calibrates on the text file `calibration`, else on text the model writes itself."""
     from hanlin.backends.files import folder_written_at
     from hanlin.backends.tokenizer import write_tokenizer_files
 
@@ -63,14 +68,17 @@ def export_onnx(model: Any, out: str, *, quant: str = "int4", tokenizer_from: st
     with folder_written_at(out, prefix=".hanlin-onnx-") as tmp:
         path = os.path.join(tmp, "model.onnx")
         trace(model, path)
-        if quant != "fp32":
-            quantize_matmuls(path, bits=8 if quant == "int8" else 4, hqq=quant == "int4-hqq")
         write_tokenizer_files(tokenizer_from, tmp)
+        if quant == "int4":
+            quantize_gptq(path, model, calibration_tokens(model, tmp, calibration, log), log)
+        elif quant != "fp32":
+            quantize_matmuls(path, bits=8 if quant == "int8" else 4, hqq=quant == "int4-hqq")
         meta = {
             "format": "onnx", "quant": quant, "architecture": cfg.arch, "n_layers": cfg.n_layers,
             "n_kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "vocab_size": cfg.vocab_size,
             "context_length": cfg.max_seq_len, "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
             "block_size": BLOCK if quant != "fp32" else None,
+            "calibration": (os.path.basename(calibration) if calibration else "self-generated") if quant == "int4" else None,
         }  # fmt: skip
         with open(os.path.join(tmp, META), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=1)
@@ -234,7 +242,7 @@ def trace(model: Any, path: str) -> None:
     prog.save(path, external_data=True)
 
 
-# int4 (round-to-nearest, symmetric blocks of 32) keeps these at int8: the projections whose
+# int4-rtn (round-to-nearest, symmetric blocks of 32) keeps these at int8: the projections whose
 # rounding costs the most perplexity (llama.cpp's Q4_K_M keeps attn_v, ffn_down and output at
 # 6 bits for the same reason). Measured on the default model, WikiText-2, 2048 scored tokens,
 # float 21.56: all int4 25.30 (+17%), lm_head at int8 23.68 (+9.8%), + down_proj 22.61 (+4.9%),
@@ -267,15 +275,13 @@ def quantize_matmuls(path: str, *, bits: int, hqq: bool = False) -> None:
         keep8 = {n.name for n in matmuls if _module(n).endswith(roles) or ("lm_head" in roles and "lm_w" in n.input)}
         model = _quantize(model, 8, accuracy=4, exclude=[n.name for n in matmuls if n.name not in keep8])
         model = _quantize(model, 4, accuracy=4, algo=HQQWeightOnlyQuantConfig(block_size=BLOCK, bits=4) if hqq else None)
-    data = os.path.basename(path) + ".data"
-    os.remove(os.path.join(os.path.dirname(path), data))
-    onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location=data)
+    _save(model, path)
 
 
-def _quantize(model, bits: int, *, accuracy: int, exclude: list[str] | None = None, algo=None):
+def _quantize(model, bits: int, *, accuracy: int, exclude: list[str] | None = None, algo=None, symmetric: bool = True):
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    q = MatMulNBitsQuantizer(model, bits=bits, block_size=BLOCK, is_symmetric=True, accuracy_level=accuracy,
+    q = MatMulNBitsQuantizer(model, bits=bits, block_size=BLOCK, is_symmetric=symmetric, accuracy_level=accuracy,
                              nodes_to_exclude=exclude or [], algo_config=algo)  # fmt: skip
     q.process()
     return q.model.model
@@ -289,3 +295,64 @@ def _module(node) -> str:
             scopes = [x.strip(" '\"") for x in p.value.strip("[]").split(",")]
             return next((x for x in reversed(scopes) if "." in x), "")
     return ""
+
+
+def calibration_tokens(model: Any, folder: str, calibration: str | None, log: Callable[[str], None] | None):
+    """GPTQ's calibration: windows of the text file `calibration`, tokenized by the tokenizer
+    just written to `folder`, or text the model writes itself."""
+    from hanlin.backends.cpu import gptq
+
+    if calibration is None:
+        if log:
+            log(f"GPTQ: the model writes its calibration text ({CALIB_SEQ} x {CALIB_LEN} tokens)")
+        return gptq.self_calibration(model, n_seq=CALIB_SEQ, seq_len=CALIB_LEN)
+    from hanlin.backends.tokenizer import HFTokenizer
+
+    try:
+        with open(calibration, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"calibration text {calibration!r} cannot be read as UTF-8 text: {e}") from e
+    ids = HFTokenizer(folder).encode(text, add_bos=False, special=False)
+    return gptq.text_calibration(ids, n_seq=CALIB_SEQ, seq_len=CALIB_LEN, bos=model.config.bos_token_id)
+
+
+def quantize_gptq(path: str, model: Any, tokens: Any, log: Callable[[str], None] | None = None) -> None:
+    """int4: GPTQ every projection and the lm_head of `model` on `tokens`, written over the
+    MatMulNBits nodes that onnxruntime's asymmetric quantizer lays out (names, shapes, the
+    attributes), so the graph is the one onnxruntime itself would write."""
+    import onnx
+    from onnx import numpy_helper
+
+    from hanlin.backends.cpu import gptq
+
+    quantized = gptq.quantize_model(model, tokens, log=log)
+    graph = onnx.load(path)
+    matmul_of = {n.output[0]: n for n in graph.graph.node if n.op_type == "MatMul"}
+    graph = _quantize(graph, 4, accuracy=4, symmetric=False)
+    inits = {t.name: t for t in graph.graph.initializer}
+    done = 0
+    for node in graph.graph.node:
+        if node.op_type != "MatMulNBits" or node.output[0] not in matmul_of:
+            continue
+        mm = matmul_of[node.output[0]]
+        name = "lm_head" if "lm_w" in mm.input else _module(mm).removeprefix("m.")
+        if name not in quantized:
+            raise RuntimeError(f"GPTQ has no weights for the MatMul of {name!r}")
+        for tensor_name, array in zip(node.input[1:4], gptq.pack_matmulnbits(quantized.pop(name))):
+            old = inits[tensor_name]
+            if tuple(old.dims) != array.shape:
+                raise RuntimeError(f"GPTQ's {tensor_name} is {array.shape}, onnxruntime's layout {tuple(old.dims)}")
+            old.CopyFrom(numpy_helper.from_array(array, tensor_name))
+        done += 1
+    if quantized:
+        raise RuntimeError(f"GPTQ quantized linears the graph has no MatMul for: {sorted(quantized)}")
+    _save(graph, path)
+
+
+def _save(model: Any, path: str) -> None:
+    import onnx
+
+    data = os.path.basename(path) + ".data"
+    os.remove(os.path.join(os.path.dirname(path), data))
+    onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location=data)
