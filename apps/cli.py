@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="write a model as GGUF, ONNX or OpenVINO for phones, laptops and CPUs",
                         description="Export a model the native engine loads (a catalogue name, a .gguf file or an HF folder). "
                         "gguf: one file, float (F16, F32) written by hanlin, any other type by llama.cpp's own quantizer. "
-                        "onnx: a folder for ONNX Runtime (MatMulNBits weights: fp32, int8, int4 by GPTQ, int4-rtn, int4-hqq). "
+                        "onnx: a folder for ONNX Runtime (MatMulNBits weights: fp32, int8, int4, int4-gptq, int4-rtn, int4-hqq). "
                         "openvino: a folder for OpenVINO (f32, int8, int4 weights by NNCF). `hanlin chat --model OUT` runs "
                         "the result with the matching engine. Everything is written beside OUT and renamed into place.")  # fmt: skip
     ex.add_argument("model", help="catalogue name, .gguf file or HF model folder")
@@ -104,10 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--to", default="gguf", choices=["gguf", "onnx", "openvino"], help="output format (default: gguf)")
     ex.add_argument("--quant", "-q", default=None,
                     help="gguf: F16 (default), F32 or a llama.cpp type (Q8_0, Q4_0, Q4_K_M, Q5_K_M, ...); "
-                    "onnx: fp32, int8, int4 (default: GPTQ, calibrated), int4-rtn (round-to-nearest, no calibration), int4-hqq; "
+                    "onnx: fp32, int8, int4 (default: Q4_1's layout, a float offset per block), int4-gptq (GPTQ, calibrated), "
+                    "int4-rtn, int4-hqq; "
                     "openvino: f32, int8 (default), int4")  # fmt: skip
     ex.add_argument("--calibration", default=None, metavar="FILE",
-                    help="onnx int4: a UTF-8 text GPTQ calibrates on (32 windows of 512 tokens; text like the model's use is best); "
+                    help="onnx int4-gptq: a UTF-8 text GPTQ calibrates on (32 windows of 512 tokens; text like the model's use is best); "
                     "default: text the model writes itself")  # fmt: skip
     ex.add_argument("--tokenizer-from", default=None, help="a GGUF with the model's tokenizer and chat template (needed for an HF folder to gguf/openvino)")
     ex.set_defaults(func=cmd_export)
@@ -120,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     qr.add_argument("model", nargs="?", default=None, help="catalogue name, .gguf file or HF model folder (default: smollm2-135m-instruct)")
     qr.add_argument("--formats", default="gguf,onnx,openvino", help="comma-separated formats to export (default: gguf,onnx,openvino)")
     qr.add_argument("--quants", default=None, help="comma-separated quantizations to keep, e.g. Q8_0,int4 (default: F16,Q8_0,Q5_K_M,"
-                    "Q4_K_M,Q4_0 for GGUF; fp32,int8,int4,int4-hqq for ONNX; f32,int8,int4 for OpenVINO)")  # fmt: skip
+                    "Q4_K_M,Q4_0 for GGUF; fp32,int8,int4,int4-gptq,int4-rtn,int4-hqq for ONNX; f32,int8,int4 for OpenVINO)")  # fmt: skip
     qr.add_argument("--tokens", type=int, default=8192, help="WikiText-2 tokens to use; the second half of each chunk is scored (default: 8192)")
     qr.add_argument("--ctx", type=int, default=512, help="tokens per perplexity chunk (default: 512)")
     qr.add_argument("--decode-tokens", type=int, default=128, help="most tokens generated per decode-speed run (default: 128)")

@@ -20,14 +20,22 @@ Nothing here imports a vendor library.
 
 from __future__ import annotations
 
-import json
-
 import codecs
 import importlib
+import json
 import math
+import os
 import pkgutil
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, ClassVar, Iterable, Iterator, Protocol, Sequence, runtime_checkable
+from typing import (
+    Any,
+    ClassVar,
+    Iterable,
+    Iterator,
+    Protocol,
+    Sequence,
+    runtime_checkable,
+)
 
 from hanlin.devices import Device
 
@@ -424,6 +432,39 @@ def _why_not(cls: type, fmt: str, device: Device, path: str | None = None) -> st
 # --------------------------------------------------------------------------------------
 # Shared generation helpers
 # --------------------------------------------------------------------------------------
+
+
+def check_load_options(ctx_size: Any, threads: Any, *, trained: int, default_max: int, device: Any, model: str = "the model's") -> tuple[int, int]:
+    """The context size and CPU threads an engine loads with: ctx_size defaults to what the
+    model was trained for, capped at default_max; threads to the device's physical cores.
+    Bad values are refused with what was asked and what is allowed."""
+    if ctx_size is None:
+        ctx_size = min(trained, default_max)
+    elif not isinstance(ctx_size, int) or isinstance(ctx_size, bool) or ctx_size < 16:
+        raise ConfigError(f"ctx_size={ctx_size!r} is invalid: it must be an integer >= 16")
+    elif ctx_size > trained:
+        raise ConfigError(f"ctx_size={ctx_size} is larger than the {trained} tokens {model} context holds (what it was trained for)")
+    if threads is None:
+        threads = getattr(device, "physical_cores", None) or os.cpu_count() or 1
+    elif not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+        raise ConfigError(f"threads={threads!r} is invalid: it must be an integer >= 1")
+    return ctx_size, threads
+
+
+class TokenizerMethods:
+    """tokenize / detokenize / token_bytes for an engine whose `self.tok` is one of
+    backends/tokenizer.py's tokenizers (the torch, ONNX and OpenVINO engines)."""
+
+    tok: Any
+
+    def tokenize(self, text: str, *, add_bos: bool = False, special: bool = True) -> list[int]:
+        return self.tok.encode(text, add_bos=add_bos, special=special)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return detokenize_bytes(self, ids)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self.tok.token_bytes(token_id)
 
 
 def check_prompt_fits(n_prompt: int, context_length: int, config: GenerationConfig) -> None:

@@ -7,10 +7,10 @@
 GGUF: the native engine's weights are written as a float GGUF (backends/torch/export_gguf.py),
 then, for any other type, quantized by llama.cpp's own quantizer (backends/gguf/quantize.py).
 ONNX: the native engine's weights traced by torch.onnx.export into a graph with the KV cache
-as inputs/outputs; weights int8 by onnxruntime's own quantizer, int4 by GPTQ (calibrated on
-`calibration`, a text file, or on text the model writes itself; backends/cpu/gptq.py) in
-onnxruntime's MatMulNBits layout (backends/cpu/onnx_export.py); the output is a folder with the
-tokenizer beside the graph.
+as inputs/outputs; weights as onnxruntime's MatMulNBits: int8 by onnxruntime's own quantizer,
+int4 in llama.cpp's Q4_1 layout (a float offset per block), int4-gptq by GPTQ (calibrated on
+`calibration`, a text file, or on text the model writes itself; backends/cpu/gptq.py), see
+backends/cpu/onnx_export.py; the output is a folder with the tokenizer beside the graph.
 OpenVINO: from a float GGUF written as above, read by OpenVINO GenAI and weight-compressed by
 NNCF (backends/cpu/openvino_export.py); a folder too.
 
@@ -29,7 +29,7 @@ from hanlin.catalog import resolve
 # format -> the weight types it takes (GGUF: F16/F32 here, the rest whatever llama.cpp knows)
 QUANTS = {
     "gguf": ("F16", "F32", "Q8_0", "Q4_0", "Q4_1", "Q5_K_M", "Q4_K_M", "..."),
-    "onnx": ("fp32", "int8", "int4", "int4-rtn", "int4-hqq"),
+    "onnx": ("fp32", "int8", "int4", "int4-gptq", "int4-rtn", "int4-hqq"),
     "openvino": ("f32", "int8", "int4"),
 }
 FORMATS = tuple(QUANTS)
@@ -48,8 +48,8 @@ def export(model: str, out: str, *, to: str = "gguf", quant: str | None = None, 
     quant = quant or DEFAULT_QUANT[to]
     if to != "gguf" and quant.lower() not in QUANTS[to]:
         raise ConfigError(f"{to} export does not take quant={quant!r}: use one of {', '.join(QUANTS[to])}")
-    if calibration is not None and (to, quant.lower()) != ("onnx", "int4"):
-        raise ConfigError(f"a calibration text is for ONNX int4 (GPTQ); {to} {quant} does not use one")
+    if calibration is not None and (to, quant.lower()) != ("onnx", "int4-gptq"):
+        raise ConfigError(f"a calibration text is for ONNX int4-gptq; {to} {quant} does not use one")
     if calibration is not None and not os.path.isfile(calibration):
         raise ConfigError(f"calibration text {calibration!r} is not a file")
     src = resolve(model)

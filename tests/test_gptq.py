@@ -8,9 +8,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from test_export import tiny  # noqa: E402
-
 from hanlin.backends.cpu import gptq  # noqa: E402
+from test_export import tiny  # noqa: E402
 
 
 def correlated_inputs(n: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -109,7 +108,7 @@ def test_text_calibration_windows_and_a_text_too_short():
 
 
 def test_packing_runs_in_onnxruntimes_matmulnbits_kernel():
-    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
     from onnx import TensorProto, helper, numpy_helper
 

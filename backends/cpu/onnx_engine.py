@@ -34,13 +34,12 @@ from hanlin.backends.base import (
     GenerationConfig,
     ModelError,
     RawToken,
-    TokenEvent,
     TokenScores,
+    check_load_options,
     check_scorable,
-    detokenize_bytes,
     register,
-    stream_tokens,
 )
+from hanlin.backends.cpu.folder import FolderEngine
 from hanlin.devices import Device
 from hanlin.devices.tools import installed
 
@@ -49,7 +48,7 @@ META = "hanlin_onnx.json"
 
 
 @register
-class OnnxEngine:
+class OnnxEngine(FolderEngine):
     name: ClassVar[str] = "onnx"
     capabilities: ClassVar[Capabilities] = Capabilities(
         formats=frozenset({"onnx"}),
@@ -77,15 +76,7 @@ class OnnxEngine:
             raise ModelError(why)
         with open(os.path.join(path, META), encoding="utf-8") as f:
             meta = json.load(f)
-        trained = int(meta["context_length"])
-        if ctx_size is None:
-            ctx_size = min(trained, DEFAULT_MAX_CTX)
-        elif not isinstance(ctx_size, int) or ctx_size < 16 or ctx_size > trained:
-            raise ConfigError(f"ctx_size={ctx_size!r} is invalid: it must be an integer between 16 and the model's {trained} tokens")
-        if threads is None:
-            threads = device.physical_cores or os.cpu_count() or 1
-        elif threads < 1:
-            raise ConfigError(f"threads={threads} is invalid: it must be >= 1")
+        ctx_size, threads = check_load_options(ctx_size, threads, trained=int(meta["context_length"]), default_max=DEFAULT_MAX_CTX, device=device)
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -100,27 +91,12 @@ class OnnxEngine:
         import numpy as np
         import onnxruntime as ort
 
-        from hanlin.backends.hf_meta import load_folder_template
-        from hanlin.backends.tokenizer import HFTokenizer
-
+        self._init_folder(path, meta, device, ctx_size, threads)
         self.session = session
-        self._meta = meta
-        self.model_path = path
-        self.device = device
-        self.context_length = ctx_size
-        self.threads = threads
-        self.tok = HFTokenizer(path)
-        self._template, self._bos_text, self._eos_text = load_folder_template(path)
-        eos = meta.get("eos_token_id")
-        eos = eos if isinstance(eos, list) else [eos]
-        self.eos_token_ids = frozenset(int(e) for e in eos if e is not None) | self.tok.eos_ids
-        self.bos_token_id = meta.get("bos_token_id")
-        self.add_bos = self.tok.add_bos
         shape = (1, meta["n_kv_heads"], ctx_size, meta["head_dim"])
         self._buffers = [np.zeros(shape, np.float32) for _ in range(2 * meta["n_layers"])]  # held: the OrtValues point into them
         self._cache = [ort.OrtValue.ortvalue_from_numpy(b) for b in self._buffers]
         self._names = [f"{kv}.{i}" for i in range(meta["n_layers"]) for kv in ("key", "value")]
-        self._tokens: list[int] = []  # what the cache holds, for prefix reuse
         # one binding for the engine's life: the cache is bound once, each step rebinds its inputs
         self._io = session.io_binding()
         self._io.bind_output("logits")  # first: get_outputs() lists outputs in binding order
@@ -131,19 +107,10 @@ class OnnxEngine:
     # ---- facts and tokens -------------------------------------------------------------
 
     def metadata(self) -> dict[str, Any]:
-        return {"chat_template": self._template, "bos_token": self._bos_text, "eos_token": self._eos_text,
-                "name": os.path.basename(self.model_path.rstrip("/")), "architecture": self._meta["architecture"],
-                "context_length": self._meta["context_length"], "quant": self._meta["quant"], "precision": "float32",
-                **({"calibration": self._meta["calibration"]} if self._meta.get("calibration") else {})}  # fmt: skip
-
-    def tokenize(self, text: str, *, add_bos: bool = False, special: bool = True) -> list[int]:
-        return self.tok.encode(text, add_bos=add_bos, special=special)
-
-    def detokenize(self, ids: Sequence[int]) -> str:
-        return detokenize_bytes(self, ids)
-
-    def token_bytes(self, token_id: int) -> bytes:
-        return self.tok.token_bytes(token_id)
+        out = dict(self._folder_metadata(), precision="float32")
+        if self._meta.get("calibration"):  # int4: GPTQ's calibration text
+            out["calibration"] = self._meta["calibration"]
+        return out
 
     # ---- the forward pass --------------------------------------------------------------
 
@@ -181,19 +148,10 @@ class OnnxEngine:
 
     # ---- generation ---------------------------------------------------------------------
 
-    def generate(self, prompt_ids: Sequence[int], config: GenerationConfig) -> Iterator[TokenEvent]:
-        if config.json_schema:
-            raise ConfigError("the onnx engine has no constrained decoding: use the torch or gguf engine for json_schema")
-        return stream_tokens(self, prompt_ids, config, lambda ids, max_new: self._raw(ids, config, max_new))
-
     def _raw(self, prompt: list[int], config: GenerationConfig, max_new: int) -> Iterator[RawToken]:
         from hanlin.backends.cpu.sampling import Sampler
 
-        reuse = 0
-        for a, b in zip(self._tokens, prompt[:-1]):  # at least one token must run to get logits
-            if a != b:
-                break
-            reuse += 1
+        reuse = self._cached(prompt)
         logits = self._run(prompt[reuse:], reuse)[-1]
         sampler = Sampler(config, prompt, PENALTY_LAST_N)
         for i in range(max_new):

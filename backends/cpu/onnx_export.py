@@ -23,14 +23,21 @@ applies RoPE (do_rotary, from cos/sin tables in the graph), and RMSNorm is opset
 RMSNormalization op. Profiled on the default model, int4: before these two, 41% of a decode
 step went to the ~20 elementwise ops per layer that spelled out RoPE and RMSNorm.
 
-Weights, all as onnxruntime's MatMulNBits in blocks of 32 values along K: "fp32" as traced;
-"int8" symmetric round-to-nearest (the Q8_0 layout, onnxruntime's own quantizer); "int4" GPTQ
-(gptq.py: asymmetric, integer zero points, calibrated, every projection and the lm_head at 4
-bits); "int4-rtn" symmetric round-to-nearest with v_proj, down_proj and the lm_head at int8 (no
-calibration: a quick export); "int4-hqq" by HQQ with the lm_head at int8 (accurate, but its
-float zero points have no fast kernel here). See INT8_IN_INT4 and gptq.py for the measurements.
-Every MatMul is quantized, the lm_head included (given its own weight when tied to the
-embedding); the embedding lookup stays float.
+Weights, as onnxruntime's MatMulNBits in blocks of 32 values along K:
+- "fp32" as traced; "int8" symmetric round-to-nearest (the Q8_0 layout, onnxruntime's quantizer).
+- "int4" (the default): every projection at 4 bits with a float scale AND a float offset per
+  block, w = d * (q - 8) + c: the Q4_1 layout llama.cpp uses, which holds a block's range
+  exactly where an integer zero point cannot (see quantize_block_offsets). MatMulNBits takes
+  the d * (q - 8) part (its fast symmetric kernel); the offsets add blocksum(x) @ C, a small
+  float product, as llama.cpp's Q4_1 x Q8_1 dot product adds m * sum(x). Projections that
+  share an input (q/k/v, gate/up) are one node. The lm_head is int8 (Q8_0's layout).
+- "int4-gptq": GPTQ (gptq.py; calibrated) with integer zero points, every projection and
+  the lm_head at 4 bits: the fastest, the least accurate on the default model.
+- "int4-rtn": symmetric round-to-nearest with v_proj, down_proj and the lm_head at int8.
+- "int4-hqq": HQQ with the lm_head at int8 (float zero points: no fast kernel here).
+See INT8_IN_INT4, quantize_block_offsets and gptq.py for the measurements. Every MatMul is
+quantized, the lm_head included (given its own weight when tied to the embedding); the
+embedding lookup stays float.
 
 The folder holds model.onnx (+ model.onnx.data), the tokenizer files (tokenizer.json ...) and
 hanlin_onnx.json (the shapes the engine needs). It is written beside OUT and renamed into place.
@@ -42,7 +49,7 @@ import json
 import os
 from typing import Any, Callable
 
-QUANTS = ("fp32", "int8", "int4", "int4-rtn", "int4-hqq")
+QUANTS = ("fp32", "int8", "int4", "int4-gptq", "int4-rtn", "int4-hqq")
 BLOCK = 32
 CALIB_SEQ, CALIB_LEN = 32, 512  # GPTQ calibration: 16k tokens
 ARCHS = ("llama", "qwen2", "internlm2")  # what the native engine builds; all share this graph
@@ -51,8 +58,8 @@ META = "hanlin_onnx.json"
 
 def export_onnx(model: Any, out: str, *, quant: str = "int4", tokenizer_from: str, calibration: str | None = None,
                 log: Callable[[str], None] | None = None) -> str:  # fmt: skip
-    """Write the Transformer `model` as an ONNX folder at `out` with `quant` weights; int4
-    (GPTQ) calibrates on the text file `calibration`, else on text the model writes itself."""
+    """Write the Transformer `model` as an ONNX folder at `out` with `quant` weights; int4-gptq
+    calibrates on the text file `calibration`, else on text the model writes itself."""
     from hanlin.backends.files import folder_written_at
     from hanlin.backends.tokenizer import write_tokenizer_files
 
@@ -70,6 +77,8 @@ def export_onnx(model: Any, out: str, *, quant: str = "int4", tokenizer_from: st
         trace(model, path)
         write_tokenizer_files(tokenizer_from, tmp)
         if quant == "int4":
+            quantize_block_offsets(path)
+        elif quant == "int4-gptq":
             quantize_gptq(path, model, calibration_tokens(model, tmp, calibration, log), log)
         elif quant != "fp32":
             quantize_matmuls(path, bits=8 if quant == "int8" else 4, hqq=quant == "int4-hqq")
@@ -78,7 +87,7 @@ def export_onnx(model: Any, out: str, *, quant: str = "int4", tokenizer_from: st
             "n_kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "vocab_size": cfg.vocab_size,
             "context_length": cfg.max_seq_len, "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
             "block_size": BLOCK if quant != "fp32" else None,
-            "calibration": (os.path.basename(calibration) if calibration else "self-generated") if quant == "int4" else None,
+            "calibration": (os.path.basename(calibration) if calibration else "self-generated") if quant == "int4-gptq" else None,
         }  # fmt: skip
         with open(os.path.join(tmp, META), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=1)
@@ -185,7 +194,7 @@ class _Decoder:
 
             def forward(self, input_ids, logits_index, seqlens_k, total, *past):
                 m = self.m
-                C, T = cfg.dim, input_ids.shape[1]
+                C = cfg.dim
                 x = m.embed_tokens(input_ids)  # (1, T, C)
                 presents = []
                 for i, layer in enumerate(m.layers):
@@ -356,3 +365,98 @@ def _save(model: Any, path: str) -> None:
     data = os.path.basename(path) + ".data"
     os.remove(os.path.join(os.path.dirname(path), data))
     onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location=data)
+
+
+# int4, measured on the default model (WikiText-2): on the quant report's 4096 scored tokens
+# (float 23.604) this layout 23.656 (+0.22%, KL 0.0032, top-1 95.8%), int4-rtn 25.409 (+7.6%),
+# int4-gptq 26.485 (+12.2%). The default model is Q4_1 with a Q8_0 embedding, which this layout
+# and the int8 lm_head hold exactly: what is left is the kernel's int8 activations (the GGUF
+# itself in llama.cpp: +0.21%). The lm_head in this layout at 4 bits instead: +5.6% (2048
+# tokens). A model that starts in float gets llama.cpp's Q4_1 round-to-nearest (block minimum
+# and maximum). The offsets are 8 small float products a layer: decode ran 0.92x llama.cpp's
+# Q4_1 here, int4-gptq (no offsets, a 4-bit lm_head) 1.11x (tools/bench_decode.py, same run).
+def quantize_block_offsets(path: str) -> None:
+    """int4: every projection as w = d * (q - 8) + c per block of 32 (d, c float), run as
+    MatMulNBits (d, q) plus blocksum(x) @ C; projections sharing an input fused into one node
+    and split after; the lm_head int8 (onnxruntime's quantizer)."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(path)
+    graph = model.graph
+    matmuls = [n for n in graph.node if n.op_type == "MatMul"]
+    lm_head = [n.name for n in matmuls if "lm_w" in n.input]
+    model = _quantize(model, 8, accuracy=4, exclude=[n.name for n in matmuls if n.name not in lm_head])
+    graph = model.graph
+    weights = {t.name: t for t in graph.initializer}
+    groups: dict[str, list] = {}  # input -> the MatMuls with a constant weight that read it
+    for n in graph.node:
+        if n.op_type == "MatMul" and n.input[1] in weights:
+            groups.setdefault(n.input[0], []).append(n)
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    inserted, removed, used = {}, set(), set()
+    for x, members in groups.items():
+        ws = [numpy_helper.to_array(weights[n.input[1]]).astype(np.float32) for n in members]
+        K = ws[0].shape[0]
+        if K % BLOCK:
+            raise ValueError(f"int4 needs every projection's input width to be a multiple of {BLOCK}; {members[0].name} has {K}")
+        G = K // BLOCK
+        ones, sums = x + "_blocks", x + "_blocksum"
+        graph.initializer.append(numpy_helper.from_array(np.kron(np.eye(G, dtype=np.float32), np.ones((BLOCK, 1), np.float32)), ones))
+        nodes = [helper.make_node("MatMul", [x, ones], [sums], name=sums)]  # (.., K) -> (.., G): each block's sum
+        q, d, c = _block_offsets(np.concatenate(ws, axis=1).T)  # (N, K) as (N, K) uint8, (N, G), (N, G)
+        N = q.shape[0]
+        base = members[0].output[0]
+        names = [base + "_Q4", base + "_scales", base + "_offsets"]
+        graph.initializer.extend([numpy_helper.from_array((q[:, 0::2] | (q[:, 1::2] << 4)).reshape(N, G, BLOCK // 2), names[0]),
+                                  numpy_helper.from_array(d, names[1]), numpy_helper.from_array(np.ascontiguousarray(c.T), names[2])])  # fmt: skip
+        y = base + "_fused" if len(members) > 1 else base
+        nodes += [helper.make_node("MatMulNBits", [x, names[0], names[1]], [y + "_main"], name=y + "_main", domain="com.microsoft",
+                                   K=K, N=N, bits=4, block_size=BLOCK, accuracy_level=4),
+                  helper.make_node("MatMul", [sums, names[2]], [y + "_offset"], name=y + "_offset")]  # fmt: skip
+        users = consumers.get(y, [])
+        if len(members) == 1 and len(users) == 1 and users[0].op_type == "Add":  # a residual add: one Sum of three
+            add = users[0]
+            other = [i for i in add.input if i != y][0]
+            add.op_type = "Sum"
+            del add.input[:]
+            add.input.extend([other, y + "_main", y + "_offset"])
+        else:
+            nodes.append(helper.make_node("Add", [y + "_main", y + "_offset"], [y], name=y + "_add"))
+        if len(members) > 1:
+            split = base + "_split"
+            graph.initializer.append(numpy_helper.from_array(np.array([w.shape[1] for w in ws], np.int64), split))
+            nodes.append(helper.make_node("Split", [y, split], [n.output[0] for n in members], name=split, axis=-1))
+        inserted[id(members[0])] = nodes
+        removed.update(id(n) for n in members)
+        used.update(n.input[1] for n in members)
+    order = []
+    for n in graph.node:  # the new nodes where the group's first member stood: after x, before any use
+        order += inserted.get(id(n), [])
+        if id(n) not in removed:
+            order.append(n)
+    del graph.node[:]
+    graph.node.extend(order)
+    kept = [t for t in graph.initializer if t.name not in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    _save(model, path)
+
+
+def _block_offsets(w):
+    """w (N, K) float32 -> q (N, K) uint8 in 0..15, d and c (N, K/32) float32 with
+    w ~ d * (q - 8) + c: each block's minimum maps to q = 0 and its maximum to q = 15 (Q4_1's
+    round-to-nearest; exact when w is a Q4_1 grid already)."""
+    import numpy as np
+
+    N, K = w.shape
+    blocks = w.reshape(N, K // BLOCK, BLOCK)
+    lo, hi = blocks.min(-1), blocks.max(-1)
+    d = (hi - lo) / 15
+    d = np.where(d > 0, d, 1.0).astype(np.float32)
+    q = np.clip(np.round((blocks - lo[..., None]) / d[..., None]), 0, 15).astype(np.uint8).reshape(N, K)
+    return q, d, (lo + 8 * d).astype(np.float32)

@@ -47,13 +47,12 @@ from hanlin.backends.base import (
     GenerationConfig,
     ModelError,
     RawToken,
-    TokenEvent,
     TokenScores,
+    check_load_options,
     check_scorable,
-    detokenize_bytes,
     register,
-    stream_tokens,
 )
+from hanlin.backends.cpu.folder import FolderEngine
 from hanlin.devices import Device
 from hanlin.devices.tools import installed
 
@@ -67,7 +66,7 @@ SCORE_ROWS = 256  # log-softmax rows at a time when scoring: bounds the float64 
 
 
 @register
-class OpenVINOEngine:
+class OpenVINOEngine(FolderEngine):
     name: ClassVar[str] = "openvino"
     capabilities: ClassVar[Capabilities] = Capabilities(
         formats=frozenset({"openvino"}),
@@ -101,14 +100,7 @@ class OpenVINOEngine:
     ) -> "OpenVINOEngine":
         meta = _read_meta(path)
         trained = int(meta.get("context_length") or DEFAULT_MAX_CTX)
-        if ctx_size is None:
-            ctx_size = min(trained, DEFAULT_MAX_CTX)
-        elif not isinstance(ctx_size, int) or ctx_size < 16 or ctx_size > trained:
-            raise ConfigError(f"ctx_size={ctx_size!r} is invalid: it must be an integer between 16 and the model's {trained} tokens")
-        if threads is None:
-            threads = device.physical_cores or os.cpu_count() or 1
-        elif not isinstance(threads, int) or threads < 1:
-            raise ConfigError(f"threads={threads!r} is invalid: it must be an integer >= 1")
+        ctx_size, threads = check_load_options(ctx_size, threads, trained=trained, default_max=DEFAULT_MAX_CTX, device=device)
         precision = _check_precision(precision, device)
 
         import openvino as ov
@@ -133,50 +125,19 @@ class OpenVINOEngine:
         return cls(compiled, meta, path, device, ctx_size, threads, precision, sliced)
 
     def __init__(self, compiled: Any, meta: dict[str, Any], path: str, device: Device, ctx_size: int, threads: int, precision: str, sliced: bool):
-        from hanlin.backends.hf_meta import load_folder_template
-        from hanlin.backends.tokenizer import HFTokenizer
-
+        self._init_folder(path, meta, device, ctx_size, threads)
         self.compiled = compiled
         self.request = compiled.create_infer_request()
-        self._meta = meta
-        self.model_path = path
-        self.device = device
-        self.context_length = ctx_size
-        self.threads = threads
         self.precision = precision
-        self.tok = HFTokenizer(path)
-        self._template, self._bos_text, self._eos_text = load_folder_template(path)
-        eos = meta.get("eos_token_id")
-        eos = eos if isinstance(eos, list) else [eos]
-        self.eos_token_ids = frozenset(int(e) for e in eos if e is not None) | self.tok.eos_ids
-        self.bos_token_id = meta.get("bos_token_id")
-        self.add_bos = self.tok.add_bos
         self._inputs = {n for i in compiled.inputs for n in i.get_names()}
         self._sliced = sliced  # whether the graph takes logits_index (else it returns every position)
-        self._tokens: list[int] = []  # what the model's state (its KV cache) holds, for prefix reuse
         self.prompt_tokens_evaluated = 0  # prompt tokens the last generate ran (the rest were cached)
 
     # ---- facts and tokens -------------------------------------------------------------
 
     def metadata(self) -> dict[str, Any]:
-        m = self._meta
-        return {
-            "chat_template": self._template, "bos_token": self._bos_text, "eos_token": self._eos_text,
-            "name": m.get("name") or os.path.basename(self.model_path.rstrip("/")),
-            "architecture": m.get("architecture"), "context_length": m.get("context_length"),
-            "quant": m.get("quant"), "weights": m.get("weights"),
-            "precision": self.precision, "kv_cache_precision": self.precision,
-            "dynamic_quantization": "off", "threads": self.threads,
-        }  # fmt: skip
-
-    def tokenize(self, text: str, *, add_bos: bool = False, special: bool = True) -> list[int]:
-        return self.tok.encode(text, add_bos=add_bos, special=special)
-
-    def detokenize(self, ids: Sequence[int]) -> str:
-        return detokenize_bytes(self, ids)
-
-    def token_bytes(self, token_id: int) -> bytes:
-        return self.tok.token_bytes(token_id)
+        return dict(self._folder_metadata(), weights=self._meta.get("weights"), precision=self.precision, kv_cache_precision=self.precision,
+                    dynamic_quantization="off", threads=self.threads)  # fmt: skip
 
     # ---- the forward pass --------------------------------------------------------------
 
@@ -251,7 +212,6 @@ class OpenVINOEngine:
 
     def score_tokens(self, ids: Sequence[int]) -> TokenScores:
         import numpy as np
-
         from hanlin.backends.cpu.sampling import log_softmax
 
         ids = list(ids)
@@ -267,20 +227,10 @@ class OpenVINOEngine:
 
     # ---- generation ---------------------------------------------------------------------
 
-    def generate(self, prompt_ids: Sequence[int], config: GenerationConfig) -> Iterator[TokenEvent]:
-        if config.json_schema:
-            raise ConfigError("the openvino engine has no constrained decoding: use the torch or gguf engine for json_schema")
-        return stream_tokens(self, prompt_ids, config, lambda ids, max_new: self._raw(ids, config, max_new))
-
     def _raw(self, prompt: list[int], config: GenerationConfig, max_new: int) -> Iterator[RawToken]:
         from hanlin.backends.cpu.sampling import Sampler
 
-        reuse = 0
-        for a, b in zip(self._tokens, prompt[:-1]):  # at least one token must run to get logits
-            if a != b:
-                break
-            reuse += 1
-        self._keep(reuse)
+        self._keep(self._cached(prompt))
         reuse = len(self._tokens)  # _keep may have had to reset instead of cutting back
         self.prompt_tokens_evaluated = len(prompt) - reuse
         logits = self._run(prompt[reuse:])[-1]

@@ -29,6 +29,7 @@ from hanlin.backends.base import (
     RawToken,
     TokenEvent,
     TokenScores,
+    check_load_options,
     check_scorable,
     detokenize_bytes,
     register,
@@ -79,19 +80,8 @@ class GGUFEngine:
         **_: Any,
     ) -> "GGUFEngine":
         info = validate_gguf(path)  # raises ModelError before llama.cpp sees a bad file
-        trained_ctx = info.context_length or DEFAULT_MAX_CTX
-        if ctx_size is None:
-            ctx_size = min(trained_ctx, DEFAULT_MAX_CTX)
-        elif not isinstance(ctx_size, int) or ctx_size < 16:
-            raise ConfigError(f"ctx_size={ctx_size!r} is invalid: it must be an integer >= 16")
-        elif ctx_size > trained_ctx:
-            raise ConfigError(
-                f"ctx_size={ctx_size} is larger than the {trained_ctx} tokens {os.path.basename(path)} was trained for"
-            )
-        if threads is None:
-            threads = device.physical_cores or os.cpu_count() or 1
-        elif threads < 1:
-            raise ConfigError(f"threads={threads} is invalid: it must be >= 1")
+        ctx_size, threads = check_load_options(ctx_size, threads, trained=info.context_length or DEFAULT_MAX_CTX, default_max=DEFAULT_MAX_CTX,
+                                               device=device, model=os.path.basename(path) + "'s")  # fmt: skip
         if gpu_layers is None:
             gpu_layers = -1 if device.kind != "cpu" else 0
 

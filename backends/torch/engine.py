@@ -9,21 +9,21 @@ from __future__ import annotations
 import os
 from typing import Any, ClassVar, Iterator, Sequence
 
-from hanlin.backends.tokenizer import HFTokenizer, LlamaCppTokenizer
 from hanlin.backends.base import (
     Capabilities,
     ConfigError,
     GenerationConfig,
-    ModelError,
     RawToken,
     TokenEvent,
+    TokenizerMethods,
     TokenScores,
+    check_load_options,
     check_prompt_fits,
     check_scorable,
-    detokenize_bytes,
     register,
     stream_tokens,
 )
+from hanlin.backends.tokenizer import HFTokenizer, LlamaCppTokenizer
 from hanlin.devices import Device
 from hanlin.devices.tools import installed
 
@@ -35,7 +35,7 @@ _has = installed
 
 
 @register
-class TorchEngine:
+class TorchEngine(TokenizerMethods):
     name: ClassVar[str] = "torch"
     capabilities: ClassVar[Capabilities] = Capabilities(
         formats=frozenset({"hf", "gguf"}),
@@ -65,7 +65,6 @@ class TorchEngine:
     @classmethod
     def load(cls, path: str, device: Device, *, ctx_size: int | None = None, dtype: str = "auto", compile: bool = False, **_: Any) -> "TorchEngine":
         import torch
-
         from hanlin.backends.torch import weights
 
         if device.kind == "npu":
@@ -87,11 +86,7 @@ class TorchEngine:
             tok = LlamaCppTokenizer(path)
             meta = {"chat_template": info.chat_template, "bos_token": tok.special_text(info.bos_token_id),
                     "eos_token": tok.special_text(info.eos_token_id), "name": info.name}  # fmt: skip
-        trained = model.config.max_seq_len
-        if ctx_size is None:
-            ctx_size = min(trained, DEFAULT_MAX_CTX)
-        elif ctx_size < 16 or ctx_size > trained:
-            raise ConfigError(f"ctx_size={ctx_size} is invalid: it must be between 16 and the model's {trained} tokens")
+        ctx_size, _ = check_load_options(ctx_size, None, trained=model.config.max_seq_len, default_max=DEFAULT_MAX_CTX, device=device)
         return cls(model, tok, meta, path, device, ctx_size, compile=compile)
 
     def __init__(self, model: Any, tokenizer: Any, meta: dict[str, Any], path: str, device: Device, ctx_size: int, *, compile: bool = False):
@@ -121,15 +116,6 @@ class TorchEngine:
 
     def metadata(self) -> dict[str, Any]:
         return dict(self._meta, architecture=self.model.config.arch, context_length=self.model.config.max_seq_len)
-
-    def tokenize(self, text: str, *, add_bos: bool = False, special: bool = True) -> list[int]:
-        return self.tok.encode(text, add_bos=add_bos, special=special)
-
-    def detokenize(self, ids: Sequence[int]) -> str:
-        return detokenize_bytes(self, ids)
-
-    def token_bytes(self, token_id: int) -> bytes:
-        return self.tok.token_bytes(token_id)
 
     def generate(self, prompt_ids: Sequence[int], config: GenerationConfig) -> Iterator[TokenEvent]:
         from hanlin.backends.torch.generate import generate_one
