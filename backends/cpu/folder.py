@@ -5,7 +5,7 @@ and the same generation front (no constrained decoding, prefix reuse, the numpy 
 from __future__ import annotations
 
 import os
-from typing import Any, Iterator, Sequence
+from typing import Any, ClassVar, Iterator, Sequence
 
 from hanlin.backends.base import (
     ConfigError,
@@ -15,12 +15,27 @@ from hanlin.backends.base import (
     stream_tokens,
 )
 from hanlin.devices import Device
+from hanlin.devices.tools import installed
 
 
 class FolderEngine(TokenizerMethods):
-    name: str
+    name: ClassVar[str]
+    meta_file: ClassVar[str]  # the JSON `hanlin export` writes into the folder
+    package: ClassVar[str]  # the runtime's Python package
     context_length: int
     _tokens: list[int]  # what the engine's KV cache holds, for prefix reuse
+
+    @classmethod
+    def available(cls, device: Device) -> str | None:
+        if not installed(cls.package):
+            return f"{cls.package} not installed (pip install -c constraints.txt 'hanlin[cpu]')"
+        return None
+
+    @classmethod
+    def supports(cls, path: str) -> str | None:
+        if not os.path.isfile(os.path.join(path, cls.meta_file)):
+            return f"{path} has no {cls.meta_file}: this engine runs folders written by `hanlin export --to {cls.name}`"
+        return None
 
     def _init_folder(self, path: str, meta: dict[str, Any], device: Device, ctx_size: int, threads: int) -> None:
         from hanlin.backends.hf_meta import load_folder_template

@@ -41,7 +41,6 @@ from hanlin.backends.base import (
 )
 from hanlin.backends.cpu.folder import FolderEngine
 from hanlin.devices import Device
-from hanlin.devices.tools import installed
 
 DEFAULT_MAX_CTX = 4096
 META = "hanlin_onnx.json"
@@ -56,18 +55,8 @@ class OnnxEngine(FolderEngine):
         logprobs=True,
         priority=40,
     )
-
-    @classmethod
-    def available(cls, device: Device) -> str | None:
-        if not installed("onnxruntime"):
-            return "onnxruntime not installed (pip install -c constraints.txt 'hanlin[cpu]')"
-        return None
-
-    @classmethod
-    def supports(cls, path: str) -> str | None:
-        if not os.path.isfile(os.path.join(path, META)):
-            return f"{path} has no {META}: only folders written by `hanlin export --to onnx` carry the cache layout this engine binds"
-        return None
+    meta_file: ClassVar[str] = META
+    package: ClassVar[str] = "onnxruntime"
 
     @classmethod
     def load(cls, path: str, device: Device, *, ctx_size: int | None = None, threads: int | None = None, **_: Any) -> "OnnxEngine":

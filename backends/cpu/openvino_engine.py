@@ -54,7 +54,6 @@ from hanlin.backends.base import (
 )
 from hanlin.backends.cpu.folder import FolderEngine
 from hanlin.devices import Device
-from hanlin.devices.tools import installed
 
 DEFAULT_MAX_CTX = 4096
 META = "hanlin_openvino.json"  # written by openvino_export.py
@@ -74,18 +73,8 @@ class OpenVINOEngine(FolderEngine):
         logprobs=True,
         priority=40,
     )
-
-    @classmethod
-    def available(cls, device: Device) -> str | None:
-        if not installed("openvino"):
-            return "openvino not installed (pip install -c constraints.txt 'hanlin[cpu]')"
-        return None
-
-    @classmethod
-    def supports(cls, path: str) -> str | None:
-        if not os.path.isfile(os.path.join(path, META)):
-            return f"{path} has no {META}: this engine runs folders written by `hanlin export --to openvino`"
-        return None
+    meta_file: ClassVar[str] = META
+    package: ClassVar[str] = "openvino"
 
     @classmethod
     def load(
