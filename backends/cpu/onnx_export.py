@@ -373,8 +373,9 @@ def _save(model: Any, path: str) -> None:
 # and the int8 lm_head hold exactly: what is left is the kernel's int8 activations (the GGUF
 # itself in llama.cpp: +0.21%). The lm_head in this layout at 4 bits instead: +5.6% (2048
 # tokens). A model that starts in float gets llama.cpp's Q4_1 round-to-nearest (block minimum
-# and maximum). The offsets are 8 small float products a layer: decode ran 0.92x llama.cpp's
-# Q4_1 here, int4-gptq (no offsets, a 4-bit lm_head) 1.11x (tools/bench_decode.py, same run).
+# and maximum). The offsets are 8 small float products a layer: decode ran 0.87-0.92x
+# llama.cpp's Q4_1 here (two runs), int4-gptq (no offsets, a 4-bit lm_head) 1.11x, this layout
+# with the lm_head at 4 bits too 0.96x (tools/bench_decode.py, same runs).
 def quantize_block_offsets(path: str) -> None:
     """int4: every projection as w = d * (q - 8) + c per block of 32 (d, c float), run as
     MatMulNBits (d, q) plus blocksum(x) @ C; projections sharing an input fused into one node
