@@ -120,11 +120,10 @@ def quantize_model(
     out: dict[str, QuantizedLinear] = {}
     saved: dict[str, torch.Tensor] = {}
     B, T = tokens.shape
-    positions = torch.arange(T).expand(batch, T)
+    cos, sin = tm.rope_cos_sin(model.inv_freq, torch.arange(T).expand(batch, T), torch.float32)  # the same for every block
     try:
         xs = [model.embed_tokens(tokens[i : i + batch]).float() for i in range(0, B, batch)]
         for li, layer in enumerate(model.layers):
-            cos, sin = tm.rope_cos_sin(model.inv_freq, positions, torch.float32)
             hess = _hessians(names, lambda: [layer(x, cos[: len(x)], sin[: len(x)], None) for x in xs])
             for name, h in hess.items():
                 lin = model.get_submodule(name)
@@ -231,9 +230,8 @@ def pack_matmulnbits(ql: QuantizedLinear) -> tuple:
     in onnxruntime's 4-bit MatMulNBits layout: two values a byte, the first in the low nibble."""
     import numpy as np
 
-    q, z = ql.q.numpy(), ql.zero.numpy()
-    N, Kp = q.shape
-    packed = (q[:, 0::2] | (q[:, 1::2] << 4)).reshape(N, Kp // ql.group, ql.group // 2)
-    if z.shape[1] % 2:
-        z = np.pad(z, ((0, 0), (0, 1)))
-    return packed.astype(np.uint8), ql.scale.numpy().astype(np.float32), (z[:, 0::2] | (z[:, 1::2] << 4)).astype(np.uint8)
+    from hanlin.backends.cpu.onnx_export import pack_nibbles
+
+    N, Kp = ql.q.shape
+    packed = pack_nibbles(ql.q.numpy()).reshape(N, Kp // ql.group, ql.group // 2)
+    return packed, ql.scale.numpy().astype(np.float32), pack_nibbles(ql.zero.numpy())

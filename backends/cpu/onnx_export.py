@@ -413,7 +413,7 @@ def quantize_block_offsets(path: str) -> None:
         N = q.shape[0]
         base = members[0].output[0]
         names = [base + "_Q4", base + "_scales", base + "_offsets"]
-        graph.initializer.extend([numpy_helper.from_array((q[:, 0::2] | (q[:, 1::2] << 4)).reshape(N, G, BLOCK // 2), names[0]),
+        graph.initializer.extend([numpy_helper.from_array(pack_nibbles(q).reshape(N, G, BLOCK // 2), names[0]),
                                   numpy_helper.from_array(d, names[1]), numpy_helper.from_array(np.ascontiguousarray(c.T), names[2])])  # fmt: skip
         y = base + "_fused" if len(members) > 1 else base
         nodes += [helper.make_node("MatMulNBits", [x, names[0], names[1]], [y + "_main"], name=y + "_main", domain="com.microsoft",
@@ -446,6 +446,18 @@ def quantize_block_offsets(path: str) -> None:
     del graph.initializer[:]
     graph.initializer.extend(kept)
     _save(model, path)
+
+
+def pack_nibbles(a):
+    """uint8 values 0..15 (.., n) -> (.., ceil(n/2)) bytes, two a byte, the first in the low
+    nibble: onnxruntime's 4-bit MatMulNBits layout for weights and zero points (an odd count
+    is padded with 0)."""
+    import numpy as np
+
+    a = np.asarray(a, dtype=np.uint8)
+    if a.shape[-1] % 2:
+        a = np.concatenate([a, np.zeros(a.shape[:-1] + (1,), np.uint8)], axis=-1)
+    return a[..., 0::2] | (a[..., 1::2] << 4)
 
 
 def _block_offsets(w):

@@ -207,53 +207,52 @@ class GGUFEngine:
     def score_tokens(self, ids: Sequence[int]) -> TokenScores:
         """One causal pass over ids with logits kept for every position (in n_batch pieces),
         read row by row, so no (tokens x vocab) array is ever held."""
-        import llama_cpp
         import numpy as np
-        from llama_cpp._internals import LlamaBatch
 
         ids = list(ids)
-        check_scorable(len(ids), self.context_length)
-        llm = self._llm
-        llm._ctx.kv_cache_clear()
-        llm.reset()
-        n_vocab, step = llm.n_vocab(), llm.n_batch
-        batch = LlamaBatch(n_tokens=step, embd=0, n_seq_max=1)
         logprobs: list[float] = []
         argmax: list[int] = []
-        try:
-            for start in range(0, len(ids), step):
-                chunk = ids[start : start + step]
-                batch.set_batch(chunk, n_past=start, logits_all=True)
-                llm._ctx.decode(batch)
-                for i in range(len(chunk)):
-                    if start + i + 1 >= len(ids):
-                        break
-                    row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, i), shape=(n_vocab,)).astype(np.float64)
-                    m = row.max()
-                    lse = m + np.log(np.exp(row - m).sum())
-                    logprobs.append(float(row[ids[start + i + 1]] - lse))
-                    argmax.append(int(row.argmax()))
-        finally:
-            llm._ctx.kv_cache_clear()  # the next generate starts from a clean cache
-            llm.reset()
+        for pos, row in self._logit_rows(ids):
+            if pos + 1 >= len(ids):
+                continue  # the last position predicts nothing in ids
+            row = row.astype(np.float64)
+            m = row.max()
+            lse = m + np.log(np.exp(row - m).sum())
+            logprobs.append(float(row[ids[pos + 1]] - lse))
+            argmax.append(int(row.argmax()))
         return TokenScores(logprobs, argmax)
 
     def logits(self, ids: Sequence[int]) -> Any:
         """float32 numpy (len(ids), V): the raw logits at every position of one causal pass
-        from an empty cache, as score_tokens computes them (n_batch pieces, logits for every
-        position), copied out row by row through llama_get_logits_ith, which maps a batch
-        position to its output row. The cache is cleared afterwards, ready to generate."""
+        from an empty cache, as score_tokens computes them. The cache is cleared afterwards,
+        ready to generate."""
+        import numpy as np
+
+        ids = list(ids)
+        rows = self._logit_rows(ids)
+        out = np.empty((len(ids), self._llm.n_vocab()), dtype=np.float32)
+        for pos, row in rows:
+            out[pos] = row
+        return out
+
+    def _logit_rows(self, ids: list[int]) -> Iterator[tuple[int, Any]]:
+        """(position, logits row) for every position of one causal pass over ids from an
+        empty cache, decoded in n_batch pieces with logits for every position; each row is a
+        view of llama.cpp's buffer (llama_get_logits_ith maps a batch position to its output
+        row), valid until the next piece. The cache is cleared before and after. Too many ids
+        are refused here, before anything is allocated or decoded."""
+        check_scorable(len(ids), self.context_length)
+        return self._decode_rows(ids)
+
+    def _decode_rows(self, ids: list[int]) -> Iterator[tuple[int, Any]]:
         import llama_cpp
         import numpy as np
         from llama_cpp._internals import LlamaBatch
 
-        ids = list(ids)
-        check_scorable(len(ids), self.context_length)
         llm = self._llm
         llm._ctx.kv_cache_clear()
         llm.reset()
         n_vocab, step = llm.n_vocab(), llm.n_batch
-        out = np.empty((len(ids), n_vocab), dtype=np.float32)
         batch = LlamaBatch(n_tokens=step, embd=0, n_seq_max=1)
         try:
             for start in range(0, len(ids), step):
@@ -261,11 +260,10 @@ class GGUFEngine:
                 batch.set_batch(chunk, n_past=start, logits_all=True)
                 llm._ctx.decode(batch)
                 for i in range(len(chunk)):
-                    out[start + i] = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, i), shape=(n_vocab,))
+                    yield start + i, np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, i), shape=(n_vocab,))
         finally:
-            llm._ctx.kv_cache_clear()
+            llm._ctx.kv_cache_clear()  # the next generate starts from a clean cache
             llm.reset()
-        return out
 
     def reset(self) -> None:
         """Forget the cached prompt prefix: the next generate evaluates its whole prompt."""
