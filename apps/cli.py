@@ -132,6 +132,45 @@ def build_parser() -> argparse.ArgumentParser:
     qr.add_argument("--json", action="store_true", help="print one JSON object (rows, reference, settings, machine) instead of the table")
     qr.set_defaults(func=cmd_quant_report)
 
+    ft = sub.add_parser("finetune", help="fine-tune a model: LoRA, QLoRA, full or DPO, with a memory plan first",
+                        description="Fine-tune a model on a JSONL file (alpaca, sharegpt or OpenAI messages rows; prompt/chosen/rejected "
+                        "for dpo), rendered with the model's own chat template, loss on the assistant's tokens only. A memory plan "
+                        "is printed first (--plan: print it and stop; it also works for --model-size 7b and --device-memory 8GB). "
+                        "The run directory holds checkpoints, log.jsonl, loss.png and the adapter: `hanlin chat --model RUN_DIR` "
+                        "chats with it, `hanlin finetune merge RUN_DIR OUT` writes a merged HF folder.")  # fmt: skip
+    ft.add_argument("action", nargs="*", metavar="merge RUN_DIR OUT", help="merge RUN_DIR OUT: write the run's model with its adapter merged as an HF folder")
+    ft.add_argument("--model", "-m", default=None, help="catalogue name, .gguf file or HF folder (default: smollm2-135m-instruct)")
+    ft.add_argument("--data", default=None, metavar="FILE", help="the training rows (JSONL)")
+    ft.add_argument("--method", default="lora", choices=["lora", "qlora", "full", "dpo"], help="default: lora")
+    ft.add_argument("--out", "-o", default=None, metavar="RUN_DIR", help="the run directory (default: runs/<model>-<method>)")
+    ft.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, npu:0 (default: auto)")
+    ft.add_argument("--plan", action="store_true", help="print the memory plan and stop")
+    ft.add_argument("--model-size", default=None, help="plan for a shape instead of a model on disk: 135m, 0.5b, 1.8b, 7b, 8b, 13b")
+    ft.add_argument("--device-memory", default=None, help="plan against this much device memory (e.g. 8GB) instead of this device's")
+    ft.add_argument("--device-kind", default=None, choices=["cpu", "cuda", "npu"], help="with --device-memory: the kind of device planned for (default: cuda)")
+    ft.add_argument("--seq-len", type=int, default=512, help="tokens per packed sequence (default: 512)")
+    ft.add_argument("--micro-batch", type=int, default=4, help="sequences per forward/backward (default: 4)")
+    ft.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default: 1)")
+    ft.add_argument("--epochs", type=float, default=1.0, help="passes over the data (default: 1)")
+    ft.add_argument("--max-steps", type=int, default=None, help="optimizer steps (wins over --epochs)")
+    ft.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 2e-4 lora/qlora, 2e-5 full, 5e-5 dpo)")
+    ft.add_argument("--schedule", default="cosine", choices=["cosine", "linear", "constant"], help="after warmup (default: cosine)")
+    ft.add_argument("--warmup", type=float, default=0.03, help="warmup: a fraction of the steps (< 1) or a step count (default: 0.03)")
+    ft.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit", "paged_adamw8bit"], help="default: adamw")
+    ft.add_argument("--lora-r", type=int, default=8, help="LoRA rank (default: 8)")
+    ft.add_argument("--lora-alpha", type=int, default=16, help="LoRA alpha (default: 16)")
+    ft.add_argument("--lora-targets", default="q_proj,v_proj", help="comma-separated projections (default: q_proj,v_proj)")
+    ft.add_argument("--grad-checkpoint", action="store_true", help="recompute each layer in backward: less memory, more time")
+    ft.add_argument("--no-packing", action="store_true", help="one example per sequence, padded (default: packed)")
+    ft.add_argument("--val-fraction", type=float, default=0.05, help="rows held out for validation loss (default: 0.05)")
+    ft.add_argument("--save-every", type=int, default=0, help="optimizer steps between checkpoints (default: only at the end)")
+    ft.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    ft.add_argument("--stop-on-bad-row", action="store_true", help="stop at the first malformed row (default: report it with its line number and skip it)")
+    ft.add_argument("--dpo-beta", type=float, default=0.1, help="DPO's beta (default: 0.1)")
+    ft.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="compute dtype (default: bfloat16 where fast, else float32)")
+    ft.add_argument("--seed", type=int, default=0)
+    ft.set_defaults(func=cmd_finetune)
+
     sv = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API",
                         description="Serve a model over an OpenAI-compatible API (FastAPI + uvicorn) on 127.0.0.1:8000 by default. "
                         "Every flag is also an environment variable: --max-concurrent is HANLIN_SERVE_MAX_CONCURRENT.")  # fmt: skip
@@ -269,6 +308,42 @@ def cmd_quant_report(args: argparse.Namespace) -> int:
                         keep=args.keep, text=args.text)  # fmt: skip
     report = quant_report(settings, log=lambda line: print(f"quant-report: {line}", file=sys.stderr, flush=True))
     print(json.dumps(report, indent=2) if args.json else format_table(report))
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    import hanlin
+    from hanlin import finetune as ft
+
+    if args.action:
+        if args.action[0] != "merge" or len(args.action) != 3:
+            raise _UsageError(f"finetune: unexpected arguments {' '.join(args.action)!r}; the only action is `hanlin finetune merge RUN_DIR OUT`")
+        out = ft.merge(args.action[1], args.action[2], log=lambda m: print(m, file=sys.stderr, flush=True))
+        print(f"wrote {out}")
+        return 0
+    model = args.model or hanlin.DEFAULT_MODEL
+    targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+    if args.plan:
+        p = ft.plan_for(model if not args.model_size else None, model_size=args.model_size, method=args.method, seq_len=args.seq_len,
+                        micro_batch=args.micro_batch, grad_checkpoint=args.grad_checkpoint, optimizer=args.optimizer, lora_r=args.lora_r,
+                        lora_targets=targets, device=args.device, device_memory=args.device_memory, device_kind=args.device_kind,
+                        dtype=args.dtype)  # fmt: skip
+        print(p.table())
+        return 0
+    if args.model_size or args.device_memory:
+        raise _UsageError("finetune: --model-size and --device-memory describe a plan (add --plan); a run trains a real model on this device")
+    if not args.data:
+        raise _UsageError("finetune: --data FILE is required (JSONL rows; or --plan to only print the memory plan)")
+    out = args.out or os.path.join("runs", f"{os.path.basename(model.rstrip('/')).split('.')[0]}-{args.method}")
+    cfg = ft.FinetuneConfig(model=model, data=args.data, out=out, method=args.method, device=args.device, seq_len=args.seq_len,
+                            micro_batch=args.micro_batch, grad_accum=args.grad_accum, epochs=args.epochs, max_steps=args.max_steps,
+                            lr=args.lr, schedule=args.schedule, warmup=args.warmup, optimizer=args.optimizer, lora_r=args.lora_r,
+                            lora_alpha=args.lora_alpha, lora_targets=targets, grad_checkpoint=args.grad_checkpoint,
+                            packing=not args.no_packing, val_fraction=args.val_fraction, save_every=args.save_every, seed=args.seed,
+                            on_bad_row="stop" if args.stop_on_bad_row else "skip", dpo_beta=args.dpo_beta, dtype=args.dtype)  # fmt: skip
+    r = ft.train(cfg, resume=args.resume)
+    print(f"run: {r.run_dir}\nsteps: {r.steps}  train loss: {r.train_loss}  validation loss: {r.val_loss}  peak memory: {r.peak_rss / 2**30:.2f} GiB")
+    print(f"chat with it: hanlin chat --model {r.run_dir}")
     return 0
 
 

@@ -355,10 +355,12 @@ class Selection:
 
 
 def detect_format(path: str) -> str:
-    """The model format of a local path: 'gguf', 'hf', 'onnx' or 'openvino'."""
+    """The model format of a local path: 'gguf', 'hf', 'onnx', 'openvino' or 'run'."""
     import os
 
     if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "hanlin_run.json")):
+            return "run"  # a fine-tuning run directory (backends/torch/lora.py)
         # exported folders first: they carry tokenizer files, and may carry a config.json too
         if any(f.endswith(".onnx") for f in os.listdir(path)):
             return "onnx"

@@ -38,7 +38,7 @@ _has = installed
 class TorchEngine(TokenizerMethods):
     name: ClassVar[str] = "torch"
     capabilities: ClassVar[Capabilities] = Capabilities(
-        formats=frozenset({"hf", "gguf"}),
+        formats=frozenset({"hf", "gguf", "run"}),  # run: a hanlin finetune run directory
         device_kinds=frozenset({"cpu", "cuda", "npu", "mps"}),
         batching=True,
         trainable=True,
@@ -56,7 +56,7 @@ class TorchEngine(TokenizerMethods):
     @classmethod
     def supports(cls, path: str) -> str | None:
         """None when this engine can build the model at path, else why not."""
-        if os.path.isdir(path):
+        if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "hanlin_run.json")):
             from hanlin.backends.torch.archs import why_not_native
 
             return why_not_native(path)
@@ -64,28 +64,8 @@ class TorchEngine(TokenizerMethods):
 
     @classmethod
     def load(cls, path: str, device: Device, *, ctx_size: int | None = None, dtype: str = "auto", compile: bool = False, **_: Any) -> "TorchEngine":
-        import torch
-        from hanlin.backends.torch import weights
 
-        if device.kind == "npu":
-            import torch_npu  # noqa: F401  (registers the "npu" device type with torch)
-        torch_device = torch.device(device.spec() if device.kind != "cpu" else "cpu")
-        tdtype = _pick_dtype(dtype, device)
-        if os.path.isdir(path):
-            model = weights.load_hf_folder(path, dtype=tdtype, device=torch_device)
-            tok = HFTokenizer(path)
-            from hanlin.backends.hf_meta import load_folder_template
-
-            template, bos, eos = load_folder_template(path)
-            meta = {"chat_template": template, "bos_token": bos, "eos_token": eos, "name": os.path.basename(path.rstrip("/"))}
-        else:
-            from hanlin.backends.gguf.gguf_file import validate_gguf
-
-            info = validate_gguf(path)
-            model = weights.load_gguf(path, dtype=tdtype, device=torch_device)
-            tok = LlamaCppTokenizer(path)
-            meta = {"chat_template": info.chat_template, "bos_token": tok.special_text(info.bos_token_id),
-                    "eos_token": tok.special_text(info.eos_token_id), "name": info.name}  # fmt: skip
+        model, tok, meta = load_parts(path, device, _pick_dtype(dtype, device))
         ctx_size, _ = check_load_options(ctx_size, None, trained=model.config.max_seq_len, default_max=DEFAULT_MAX_CTX, device=device)
         return cls(model, tok, meta, path, device, ctx_size, compile=compile)
 
@@ -181,6 +161,35 @@ class TorchEngine(TokenizerMethods):
     def close(self) -> None:
         self.model = None
         self._cache = None
+
+
+def load_parts(path: str, device: Device, dtype: Any) -> tuple[Any, Any, dict[str, Any]]:
+    """The native model (torch dtype `dtype`, on `device`), its tokenizer and its chat-template
+    metadata from a GGUF file or an HF folder: what the engine serves and the fine-tuner trains."""
+    import torch
+    from hanlin.backends.torch import weights
+
+    if device.kind == "npu":
+        import torch_npu  # noqa: F401  (registers the "npu" device type with torch)
+    torch_device = torch.device(device.spec() if device.kind != "cpu" else "cpu")
+    from hanlin.backends.torch.lora import is_run_dir, load_run
+
+    if is_run_dir(path):  # a fine-tuning run: its base with the adapter merged
+        return load_run(path, device, dtype)
+    if os.path.isdir(path):
+        from hanlin.backends.hf_meta import load_folder_template
+
+        model = weights.load_hf_folder(path, dtype=dtype, device=torch_device)
+        template, bos, eos = load_folder_template(path)
+        return model, HFTokenizer(path), {"chat_template": template, "bos_token": bos, "eos_token": eos, "name": os.path.basename(path.rstrip("/"))}
+    from hanlin.backends.gguf.gguf_file import validate_gguf
+
+    info = validate_gguf(path)
+    model = weights.load_gguf(path, dtype=dtype, device=torch_device)
+    tok = LlamaCppTokenizer(path)
+    meta = {"chat_template": info.chat_template, "bos_token": tok.special_text(info.bos_token_id),
+            "eos_token": tok.special_text(info.eos_token_id), "name": info.name}  # fmt: skip
+    return model, tok, meta
 
 
 def _pick_dtype(name: str, device: Device):

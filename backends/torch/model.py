@@ -98,8 +98,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 
 def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
     # x: (..., in) -> (..., out). A device may swap in a faster kernel (the CPU inference
-    # engine does: weights pre-packed for oneDNN, see cpu_pack.py).
-    return F.linear(x, layer.weight, layer.bias)
+    # engine does: weights pre-packed for oneDNN, see cpu_pack.py). A module standing in for the
+    # linear (fine-tuning's LoRA wrapper, QLoRA's NF4 Linear4bit) runs its own forward.
+    if type(layer) is nn.Linear:
+        return F.linear(x, layer.weight, layer.bias)
+    return layer(x)
 
 
 def qkv_proj(x: torch.Tensor, attn: "Attention") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -261,6 +264,7 @@ class Transformer(nn.Module):
         kv_len: int | None = None,  # slots in use after this step (attention reads [0, kv_len))
         last_only: bool = False,  # logits for the last position only (decode, sampling)
         logits_at: torch.Tensor | None = None,  # (B,) one position per row (a right-padded batch); overrides last_only
+        hidden_only: bool = False,  # the final-norm hidden states (B, T, C) instead of logits (training: lm_head on labelled rows only)
     ) -> torch.Tensor:
         B, T = tokens.shape
         if positions is None:
@@ -273,6 +277,8 @@ class Transformer(nn.Module):
                 x = checkpoint(layer, x, cos, sin, mask, cache, cache_pos, kv_len, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, cache, cache_pos, kv_len)
+        if hidden_only:
+            return self.norm(x)  # (B, T, C)
         if logits_at is not None:
             x = x[torch.arange(B, device=x.device), logits_at][:, None]  # (B, 1, C)
         elif last_only:
