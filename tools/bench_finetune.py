@@ -193,18 +193,19 @@ def hf_row(model_path: str, data: str, steps: int, seq_len: int, batch: int, gra
             ends.append(time.perf_counter())
             log(f"hf step {state.global_step}/{steps}: {ends[-1] - begins[-1]:.2f} s")
 
+    out_dir = tempfile.mkdtemp(prefix="bench_ft_hf_")  # nothing is saved there (save_strategy "no"); removed after
     targs = TrainingArguments(
-        output_dir=tempfile.mkdtemp(prefix="bench_ft_hf_"), per_device_train_batch_size=batch, gradient_accumulation_steps=1,
+        output_dir=out_dir, per_device_train_batch_size=batch, gradient_accumulation_steps=1,
         max_steps=steps, learning_rate=LR, lr_scheduler_type="cosine", warmup_steps=0, logging_steps=1, save_strategy="no",
         report_to=[], use_cpu=True, dataloader_num_workers=0, gradient_checkpointing=grad_checkpoint, seed=SEED,
         data_seed=SEED, disable_tqdm=True,
     )  # fmt: skip
-    trainer = Trainer(model=model, args=targs, train_dataset=train_set, data_collator=counting_collator, callbacks=[StepTimer()])
     try:
+        trainer = Trainer(model=model, args=targs, train_dataset=train_set, data_collator=counting_collator, callbacks=[StepTimer()])
         with contextlib.redirect_stdout(sys.stderr):  # Trainer prints its log lines: stdout carries only our JSON
             trainer.train()
     finally:
-        shutil.rmtree(targs.output_dir, ignore_errors=True)
+        shutil.rmtree(out_dir, ignore_errors=True)
     if len(ends) != steps or len(batches) < steps:
         raise RuntimeError(f"hf row: expected {steps} steps, saw {len(ends)} step ends and {len(batches)} batches")
     # step k's wall time: from the end of step k-1 to the end of step k (data loading and logging included)
