@@ -69,6 +69,8 @@ def packed_linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
     packed = getattr(layer, "cpu_packed", None)
     if packed is not None:
         return packed(x)
+    if type(layer) is not nn.Linear:  # a module standing in for the linear (a LoRA wrapper) runs its own forward
+        return layer(x)
     if layer.weight.numel() == 0:
         raise RuntimeError("this linear layer was packed into a fused projection (cpu_pack.py): call unpack_linears(model) to use it alone")
     return F.linear(x, layer.weight, layer.bias)

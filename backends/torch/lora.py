@@ -68,7 +68,7 @@ def merge_lora(model: Any, adapter_dir: str) -> int:
         if delta.shape != lin.weight.shape:
             raise ModelError(f"{adapter_dir}: {name} update is {tuple(delta.shape)} but the model's weight is {tuple(lin.weight.shape)}")
         with torch.no_grad():
-            lin.weight += delta.to(lin.weight.dtype, lin.weight.device)
+            lin.weight += delta.to(device=lin.weight.device, dtype=lin.weight.dtype)
         merged += 1
     if not merged:
         raise ModelError(f"{adapter_dir}: no LoRA weights in adapter_model.safetensors")

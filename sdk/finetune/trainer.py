@@ -421,7 +421,7 @@ def train(cfg: FinetuneConfig, *, resume: bool = False, log: Callable[[str], Non
                 b = {k: v.to(model.lm_head.weight.device) for k, v in collate(group).items()}
                 loss, n = dpo_loss(model, b, cfg.dpo_beta) if cfg.method == "dpo" else sft_loss(model, b)
                 w = 1 if cfg.method == "dpo" else n
-                total_loss, count = total_loss + float(loss) * w, count + w
+                total_loss, count = total_loss + float(loss.detach()) * w, count + w
         model.train()
         return total_loss / max(1, count)
 
@@ -440,7 +440,7 @@ def train(cfg: FinetuneConfig, *, resume: bool = False, log: Callable[[str], Non
                 b = {key: v.to(torch_dev) for key, v in collate(group).items()}
                 loss, n = dpo_loss(model, b, cfg.dpo_beta) if cfg.method == "dpo" else sft_loss(model, b)
                 (loss / cfg.grad_accum).backward()
-                step_loss += float(loss) / cfg.grad_accum
+                step_loss += float(loss.detach()) / cfg.grad_accum
                 step_tokens += real_tokens(group)
                 step_labels += n
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)) if cfg.max_grad_norm > 0 else None
