@@ -392,3 +392,9 @@ def test_bad_settings_are_named(kwargs, word):
     )
     with pytest.raises(ConfigError, match=word):
         plan(SIZES["135m"], **{**base, **kwargs})
+
+
+def test_the_planner_s_loss_chunk_is_the_trainer_s():
+    from hanlin.finetune import trainer
+
+    assert planmod.LOSS_CHUNK == trainer.CHUNK

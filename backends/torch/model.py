@@ -112,10 +112,35 @@ def qkv_proj(x: torch.Tensor, attn: "Attention") -> tuple[torch.Tensor, torch.Te
     return lin(x, attn.q_proj), lin(x, attn.k_proj), lin(x, attn.v_proj)
 
 
+class SiluMul(torch.autograd.Function):
+    """silu(g) * u that keeps only g and u for the backward and recomputes silu(g) there:
+    autograd's own version also keeps silu(g), one more (B, T, F) tensor per layer, the
+    largest activation of a fine-tuning step (measured with saved_tensors_hooks, see
+    hanlin.finetune.plan)."""
+
+    @staticmethod
+    def forward(ctx, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(g, u)
+        return F.silu(g) * u
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        g, u = ctx.saved_tensors
+        s = torch.sigmoid(g)
+        silu = g * s
+        return grad * u * (s + silu * (1 - s)), grad * silu  # d silu/dg = s * (1 + g * (1 - s))
+
+
+def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    if torch.is_grad_enabled() and (g.requires_grad or u.requires_grad):
+        return SiluMul.apply(g, u)
+    return F.silu(g) * u
+
+
 def swiglu(x: torch.Tensor, mlp: "MLP") -> torch.Tensor:
     # x: (B, T, C) -> (B, T, F) -> (B, T, C)
     lin = op("linear", x.device)
-    return lin(F.silu(lin(x, mlp.gate_proj)) * lin(x, mlp.up_proj), mlp.down_proj)
+    return lin(silu_mul(lin(x, mlp.gate_proj), lin(x, mlp.up_proj)), mlp.down_proj)
 
 
 register_op("linear", "any", linear)

@@ -59,7 +59,7 @@ PROJECTIONS = (
 )
 
 # The trainer computes lm_head + cross-entropy over LOSS_CHUNK selected positions at a time.
-LOSS_CHUNK = 1024
+LOSS_CHUNK = 256  # = hanlin.finetune.trainer.CHUNK (a test checks they agree)
 # Float32 (rows x V) buffers alive at once at the worst moment of one chunk's backward:
 # the recomputed logits, cross-entropy's saved log-softmax, and their two gradients.
 LOGITS_BUFFERS = 4
@@ -284,7 +284,8 @@ def _saved_per_token_layer(
         and lora_A's output (adapters are in the base's dtype)         b*in + b*r
       attention (SDPA, CPU flash / CUDA memory-efficient kernels): q, k, v after RoPE and the
         output b(2H + 2K)D, the logsumexp 4H, the bool mask turned into a float bias bT
-      MLP: gate and up outputs and silu(gate) 3bF; full: also silu*up bF (down_proj's input)
+      MLP: gate and up outputs 2bF (model.SiluMul recomputes silu(gate) in the backward);
+      full: also silu*up bF (down_proj's input)
       CUDA with GQA (K < H) and a mask: no fused CUDA kernel takes both (flash takes no
         mask, memory-efficient no GQA), so SDPA runs its math path, which saves q, k and v
         repeated to H heads, the output, and the softmax probabilities: b*4HD + bHT, plus
@@ -321,7 +322,7 @@ def _saved_per_token_layer(
         )  # math path (see above) + the float mask
     else:
         saved += b * (2 * H + 2 * K) * D + 4 * H + b * T
-    saved += b * (4 * F if full else 3 * F)
+    saved += b * (3 * F if full else 2 * F)  # gate and up outputs (model.SiluMul recomputes silu); full: down's input too
     return saved
 
 
@@ -554,6 +555,15 @@ def plan(
         "transient": tokens * b * (2 * C + 3 * F),
     }
     peak = sum(parts.values())
+    if method == "qlora" and device_kind == "cpu":
+        # the float weights are read first, then the projections are quantized to NF4; on the
+        # default model the float weights' memory was still resident when the last projection
+        # was quantized (peak RSS 1139 MiB, seq 128), so both count: at small batches this
+        # moment is the run's peak
+        loading = parts["runtime"] + _weights(shape, "lora", dtype) + parts["weights"]
+        if loading > peak:
+            notes.append(f"the peak is while loading: the {dtype} weights are read, then quantized to NF4")
+            peak = loading
     fits = None if device_memory is None else peak <= device_memory
     settings = {
         "model": shape.name or "model", "n_params": shape.n_params, "method": method, "seq_len": seq_len,
