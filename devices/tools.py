@@ -65,3 +65,23 @@ def first_line(text: str, limit: int = 80) -> str:
             line = line.strip()
             return line if len(line) <= limit else line[: limit - 3] + "..."
     return "(empty)"
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory in bytes: VmHWM from /proc/self/status on Linux.
+
+    Not getrusage's ru_maxrss: on Linux a child keeps the maxrss its parent had when it forked,
+    so a 2 GiB parent's child reports at least 2 GiB (measured: ru_maxrss 2062 MiB, VmHWM 13 MiB
+    in a `python -c` child); every benchmark that runs a row per child process would be off."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB

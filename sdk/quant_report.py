@@ -40,7 +40,6 @@ import json
 import math
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
@@ -637,7 +636,9 @@ def source_type(path: str) -> str | None:
 
 
 def peak_rss_mb() -> float:
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
+    from hanlin.devices.tools import peak_rss_bytes
+
+    return round(peak_rss_bytes() / 2**20, 1)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -51,7 +50,9 @@ CUDA_ROWS = [r for r in ROWS if "_cuda_" in r]  # run where an NVIDIA GPU is at 
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    from hanlin.devices.tools import peak_rss_bytes
+
+    return peak_rss_bytes() / 2**20
 
 
 # --------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ assistant's tokens; seed 0; float32 on the CPU.
 - "hanlin": hanlin.finetune.trainer.train(FinetuneConfig(...)) with the same settings (hanlin
   packs rows into --seq-len sequences, so its batches carry fewer pad tokens).
 
-Each row runs in its own child process, so its peak RSS (getrusage ru_maxrss, model loading
+Each row runs in its own child process, so its peak RSS (VmHWM, model loading
 included) is its own; with --runs > 1 the rows take turns, so machine drift hits them alike.
 The first optimizer step is a warm-up and is not timed: s/step is the wall time of steps
 2..S (from the end of step 1 to the end of step S, data loading included) over S-1, and
@@ -34,7 +34,6 @@ import contextlib
 import json
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
@@ -56,7 +55,9 @@ def log(msg: str) -> None:
 
 
 def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    from hanlin.devices.tools import peak_rss_bytes
+
+    return peak_rss_bytes()
 
 
 def gb(n: float) -> float:

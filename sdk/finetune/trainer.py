@@ -26,7 +26,6 @@ import json
 import math
 import os
 import random
-import resource
 import shutil
 import sys
 import tempfile
@@ -320,7 +319,9 @@ def current_rss() -> int:
 
 
 def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    from hanlin.devices.tools import peak_rss_bytes
+
+    return peak_rss_bytes()
 
 
 # --------------------------------------------------------------------------------------
