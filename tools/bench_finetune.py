@@ -238,6 +238,7 @@ def hanlin_row(model_path: str, data: str, steps: int, seq_len: int, batch: int,
         model=model_path, data=data, out=out_dir, method="lora", seq_len=seq_len, micro_batch=batch, grad_accum=1,
         max_steps=steps, lr=LR, schedule="cosine", warmup=0, lora_r=LORA["r"], lora_alpha=LORA["alpha"],
         lora_dropout=LORA["dropout"], lora_targets=LORA["targets"], val_fraction=0.0, grad_checkpoint=grad_checkpoint, seed=SEED,
+        release_memory=os.environ.get("HANLIN_KEEP_FREED_MEMORY") != "1",  # the trainer's allocator setting (README: Fine-tune)
     )  # fmt: skip
     try:
         with contextlib.redirect_stdout(sys.stderr):

@@ -39,7 +39,7 @@ def plan_for(model: str | None, *, model_size: str | None = None, method: str = 
     if device_memory is not None:
         memory = device_memory if isinstance(device_memory, int) else P.parse_memory(device_memory)
         kind = device_kind or "cuda"
-        name = f"{memory / 2**30:.1f} GiB {kind} (as given)"
+        name = f"--device-memory {memory / 2**30:.1f} GiB"
     else:
         from hanlin.devices import get_device
 

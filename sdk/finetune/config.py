@@ -41,6 +41,7 @@ class FinetuneConfig:
     seed: int = 0
     on_bad_row: str = "skip"  # "skip" (report with line number) | "stop"
     dpo_beta: float = 0.1
+    release_memory: bool = True  # CPU: glibc returns freed activations to the system (see trainer.return_freed_memory)
     dtype: str = "auto"  # "auto" (bfloat16 where the device computes it fast, else float32) | "float32" | "bfloat16"
     extra: dict[str, Any] = field(default_factory=dict)
 
