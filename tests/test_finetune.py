@@ -197,7 +197,7 @@ MEASURE = r"""
 import json, sys
 from hanlin.finetune import FinetuneConfig, train
 method, seq, data, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-r = train(FinetuneConfig(model=sys.argv[5], data=data, out=out, method=method, seq_len=seq, micro_batch=2, max_steps=1,
+r = train(FinetuneConfig(model=sys.argv[5], data=data, out=out, method=method, seq_len=seq, micro_batch=2, max_steps=2,
                          val_fraction=0.0, lr=1e-4), progress=False, log=lambda s: None)
 print(json.dumps({"predicted": r.plan_peak, "measured": r.peak_rss}))
 """

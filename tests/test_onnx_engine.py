@@ -81,7 +81,9 @@ def test_int4_rtn_keeps_the_sensitive_projections_at_int8(tmp_path, default_mode
     eng = OnnxEngine.load(out, CPU, ctx_size=32)
     assert eng.metadata()["quant"] == "int4-rtn"
     got, want = eng.logits(IDS), torch_logits(model)
-    assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.85  # quantized (0.93 measured on random weights), but the same model
+    corr = np.corrcoef(got.ravel(), want.ravel())[0, 1]
+    print(f"int4-gptq {arch}: logit correlation {corr:.4f}")
+    assert corr > 0.85, corr  # quantized (0.93 measured on random weights), but the same model
 
 
 def snap_to_q4_1(model) -> None:
@@ -139,7 +141,8 @@ def test_block_offsets_reproduce_a_q4_1_grid_and_round_a_float_one():
 def test_int4_gptq_is_4_bits_everywhere_with_integer_zero_points(tmp_path, default_model_path, arch, tie):
     model = tiny(arch, tie)
     text = tmp_path / "calib.txt"
-    shutil.copy(os.path.join(os.path.dirname(__file__), "..", "README.md"), text)  # varied English and code
+    with open(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "datasets", "wikitext2", "test.txt"), encoding="utf-8") as f:
+        text.write_text(f.read()[:30000], encoding="utf-8")  # a fixed text: the README changes with every feature
     out = export_onnx(model, str(tmp_path / "q4"), quant="int4-gptq", tokenizer_from=default_model_path, calibration=str(text))
     g = onnx.load(os.path.join(out, "model.onnx"), load_external_data=False).graph
     nodes = [n for n in g.node if n.op_type == "MatMulNBits"]
@@ -150,7 +153,9 @@ def test_int4_gptq_is_4_bits_everywhere_with_integer_zero_points(tmp_path, defau
     eng = OnnxEngine.load(out, CPU, ctx_size=32)
     assert eng.metadata()["quant"] == "int4-gptq" and eng.metadata()["calibration"] == "calib.txt"
     got, want = eng.logits(IDS), torch_logits(model)
-    assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.85
+    corr = np.corrcoef(got.ravel(), want.ravel())[0, 1]
+    print(f"int4-gptq {arch}: logit correlation {corr:.4f}")
+    assert corr > 0.85, corr
     torch.testing.assert_close(torch.tensor(torch_logits(model)), torch.tensor(want))  # the model itself is untouched
 
 
