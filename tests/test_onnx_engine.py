@@ -82,7 +82,7 @@ def test_int4_rtn_keeps_the_sensitive_projections_at_int8(tmp_path, default_mode
     assert eng.metadata()["quant"] == "int4-rtn"
     got, want = eng.logits(IDS), torch_logits(model)
     corr = np.corrcoef(got.ravel(), want.ravel())[0, 1]
-    print(f"int4-gptq {arch}: logit correlation {corr:.4f}")
+    print(f"int4-rtn llama: logit correlation {corr:.4f}")
     assert corr > 0.85, corr  # quantized (0.93 measured on random weights), but the same model
 
 
@@ -154,7 +154,7 @@ def test_int4_gptq_is_4_bits_everywhere_with_integer_zero_points(tmp_path, defau
     assert eng.metadata()["quant"] == "int4-gptq" and eng.metadata()["calibration"] == "calib.txt"
     got, want = eng.logits(IDS), torch_logits(model)
     corr = np.corrcoef(got.ravel(), want.ravel())[0, 1]
-    print(f"int4-gptq {arch}: logit correlation {corr:.4f}")
+    print(f"int4-rtn llama: logit correlation {corr:.4f}")
     assert corr > 0.85, corr
     torch.testing.assert_close(torch.tensor(torch_logits(model)), torch.tensor(want))  # the model itself is untouched
 
