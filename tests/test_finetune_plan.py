@@ -85,18 +85,12 @@ def _build(cfg, method, dtype):
                     assert (
                         getattr(parent, name).weight.dtype == torch.uint8
                     )  # really 4-bit
-    if method in ("lora", "qlora"):
-        from peft import LoraConfig, inject_adapter_in_model
+    if method in ("lora", "qlora"):  # the trainer's own adapters: peft's, upcast to float32
+        from hanlin.finetune import FinetuneConfig
+        from hanlin.finetune.trainer import add_lora
 
-        m = inject_adapter_in_model(
-            LoraConfig(
-                r=8,
-                lora_alpha=16,
-                lora_dropout=0.0,
-                target_modules=["q_proj", "v_proj"],
-            ),
-            m,
-        )
+        add_lora(m, FinetuneConfig(model="-", data="-", out="-", method=method, lora_r=8, lora_alpha=16, lora_dropout=0.0,
+                                   lora_targets=("q_proj", "v_proj")))  # fmt: skip
     return m.train()
 
 

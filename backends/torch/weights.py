@@ -334,7 +334,7 @@ def load_gguf(path: str, *, dtype: torch.dtype = torch.float32, device: str | to
                 name = f"layers.{i}.{GGUF_LAYER[part]}.{kind}"
                 if cfg.arch == "llama" and part in ("attn_q", "attn_k"):
                     w = _unpermute(w, cfg.n_heads if part == "attn_q" else cfg.n_kv_heads)
-        state[name] = w
+        state[name] = w.to(dtype)  # now, not in _build: a float32 copy of every tensor at once doubles a bfloat16 load's peak
     if "lm_head.weight" not in state:
         cfg.tie_embeddings = True
     return _build(cfg, state, path, dtype, device)

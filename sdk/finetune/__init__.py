@@ -40,13 +40,13 @@ def plan_for(model: str | None, *, model_size: str | None = None, method: str = 
         memory = device_memory if isinstance(device_memory, int) else P.parse_memory(device_memory)
         kind = device_kind or "cuda"
         name = f"--device-memory {memory / 2**30:.1f} GiB"
+        dtypes: tuple[str, ...] = ()  # a device not here: on a CPU, auto is float32
     else:
         from hanlin.devices import get_device
 
         d = get_device(device)
-        memory, kind, name = d.memory_total, d.kind, d.label()
-    if dtype == "auto":
-        dtype = "float32" if kind == "cpu" else "bfloat16"
+        memory, kind, name, dtypes = d.memory_total, d.kind, d.label(), d.dtypes
+    dtype = P.training_dtype(dtype, method, kind, dtypes)
     return P.plan(shape, method=method, seq_len=seq_len, micro_batch=micro_batch, grad_checkpoint=grad_checkpoint, optimizer=optimizer,
                   lora_r=lora_r, lora_targets=tuple(lora_targets), dtype=dtype, device_kind=kind, device_memory=memory, device_name=name)  # fmt: skip
 

@@ -14,8 +14,8 @@ The peak is the sum of these parts (bytes), each computed by one function below:
                  a CUDA/NPU context allowance on an accelerator)
     weights      the base model: float32 4 B/param, bfloat16 2 B/param; QLoRA's 7 projections
                  per layer in NF4 (0.5 B/param + double-quantized absmax)
-    adapters     the LoRA A/B matrices (in the base's dtype: peft's inject_adapter_in_model
-                 creates them so)
+    adapters     the LoRA A/B matrices, float32 whatever the base's dtype (the trainer upcasts
+                 them, as peft's get_peft_model does: AdamW steps of 2e-4 vanish in bfloat16)
     gradients    one per trainable parameter, in the trainable parameters' dtype
     optimizer    AdamW: 2 float32 states per trainable parameter; 8-bit: 2 bytes; paged
                  8-bit on CUDA lives in host memory (counted as 0 on the device)
@@ -47,6 +47,21 @@ MiB = 1 << 20
 METHODS = ("lora", "qlora", "full", "dpo")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
 DTYPES = {"float32": 4, "bfloat16": 2}
+
+
+def training_dtype(requested: str, method: str, device_kind: str, device_dtypes=()) -> str:
+    """The compute dtype a run uses: `requested` unless it is "auto". Auto on an accelerator is
+    bfloat16. On a CPU it is bfloat16 for the frozen-base methods (lora, qlora, dpo) where the
+    CPU computes it natively (AVX512-BF16, AMX, ARM BF16: device.dtypes lists "bfloat16"): a
+    LoRA step on the default model ran 1.6x faster in bfloat16 than in float32 here (AVX512-BF16,
+    tools/bench_finetune.py), with the adapters, their optimizer state and the loss still in
+    float32. Full fine-tuning stays float32 on a CPU: its weights are what AdamW updates, and
+    bfloat16 weights round away most of each small update."""
+    if requested != "auto":
+        return requested
+    if device_kind != "cpu":
+        return "bfloat16"
+    return "bfloat16" if method != "full" and "bfloat16" in tuple(device_dtypes) else "float32"
 DEVICE_KINDS = ("cpu", "cuda", "npu")
 PROJECTIONS = (
     "q_proj",
@@ -280,8 +295,8 @@ def _saved_per_token_layer(
       each RMSNorm (2 per layer): its float32 input and rsqrt           4C + 4
         full only: the normalized x (norm weight's gradient) and the
         norm output (the next projections' weight gradients)           + 2bC
-      LoRA on a projection: its input, when no other term saves it,
-        and lora_A's output (adapters are in the base's dtype)         b*in + b*r
+      LoRA on a projection: its input cast to the adapters' float32,
+        when no other term saves it, and lora_A's output (float32)     4*in + 4*r
       attention (SDPA, CPU flash / CUDA memory-efficient kernels): q, k, v after RoPE and the
         output b(2H + 2K)D, the logsumexp 4H, the bool mask turned into a float bias bT
       MLP: gate and up outputs 2bF (model.SiluMul recomputes silu(gate) in the backward);
@@ -307,15 +322,20 @@ def _saved_per_token_layer(
     else:
         ins = shape.projection_shapes()
         targets = set(lora_targets)
-        # peft's inject_adapter_in_model creates the adapters in the base layer's dtype (b)
-        if targets & {"q_proj", "k_proj", "v_proj"}:
-            saved += b * C  # the attention norm's output, input of lora_A
-        if targets & {"gate_proj", "up_proj"}:
-            saved += b * C  # the MLP norm's output
-        if "down_proj" in targets:
-            saved += b * F  # silu(gate) * up, input of down's lora_A
-        # (o_proj's input, attention's output, is saved by SDPA already)
-        saved += sum(b * lora_r for t in targets if t in ins)  # lora_A's output
+        # the adapters are float32 (trainer.add_lora): peft casts each input to float32 and
+        # lora_A saves the cast. With a float32 base the cast is the input itself, shared by the
+        # projections that read it (and o_proj's input, attention's output, is saved by SDPA
+        # already); with a bfloat16 base each adapted projection saves its own float32 copy.
+        for group in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("down_proj",), ("o_proj",)):
+            hit = [t for t in group if t in targets and t in ins]
+            if not hit:
+                continue
+            width = ins[hit[0]][0]
+            if b != 4:
+                saved += 4 * width * len(hit)
+            elif group != ("o_proj",):
+                saved += 4 * width
+        saved += sum(4 * lora_r for t in targets if t in ins)  # lora_A's output
     if device_kind == "cuda" and K < H:
         saved += (
             b * 4 * H * D + b * H * T + b * T
@@ -516,7 +536,7 @@ def plan(
     tokens = rows * seq_len
     notes = []
 
-    # trainable parameters, all in the compute dtype (adapters too: see _saved_per_token_layer)
+    # trainable parameters: the whole model in the compute dtype (full), or float32 adapters
     adapter_params = (
         0 if method == "full" else _adapter_params(shape, lora_r, lora_targets)
     )
@@ -535,8 +555,8 @@ def plan(
     parts = {
         "runtime": _runtime(device_kind, runtime),
         "weights": _weights(shape, method, dtype),
-        "adapters": adapter_params * b,
-        "gradients": trainable * b,
+        "adapters": adapter_params * 4,
+        "gradients": trainable * (b if method == "full" else 4),
         "optimizer": opt_bytes,
         "activations": activation_bytes(
             shape,

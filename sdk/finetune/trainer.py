@@ -15,9 +15,9 @@ What happens, in order:
 5. the adapter (peft's own file layout) or, for "full", the HF folder is saved; loss.png drawn.
 
 The loss never builds the (B, T, V) logits: the model returns the final hidden states, only the
-rows that carry a label go through lm_head, in chunks of CHUNK rows under checkpointing, so one
-chunk's logits exist at a time (49k-token vocabularies make the full tensor the largest thing
-in a small model's step).
+rows that carry a label go through lm_head, in chunks of CHUNK rows (backends/torch/losses.py:
+nothing of size V is saved for the backward, which recomputes one chunk's logits at a time), so
+the (B, T, V) tensor, the largest thing in a small model's step at a 49k vocabulary, never exists.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from typing import Any, Callable
 from hanlin.backends.base import ConfigError, ModelError
 from hanlin.finetune.config import FinetuneConfig
 
-CHUNK = 256  # lm_head rows per checkpointed loss chunk: 4 buffers of CHUNK x V floats live at once (50 MiB each at V=49152)
+CHUNK = 256  # lm_head rows per loss chunk: a few CHUNK x V float buffers live at once (50 MiB each at V=49152)
 from hanlin.backends.torch.lora import ADAPTER_DIR, MODEL_DIR, RUN_FILE  # what chat and merge read back
 
 LOG_FILE = "log.jsonl"
@@ -59,19 +59,8 @@ class RunResult:
 
 
 # --------------------------------------------------------------------------------------
-# the loss: lm_head on labelled rows only, in checkpointed chunks
+# the loss: lm_head on labelled rows only, in chunks
 # --------------------------------------------------------------------------------------
-
-
-def _chunk_ce(h, targets, weight):
-    import torch.nn.functional as F
-
-    return F.cross_entropy(F.linear(h, weight).float(), targets, reduction="sum")
-
-
-def _chunk_logp(h, targets, weight):
-    logits = (h @ weight.t()).float()  # (n, V)
-    return logits.gather(1, targets[:, None])[:, 0] - logits.logsumexp(-1)  # (n,)
 
 
 def labelled_rows(hidden, labels):
@@ -83,33 +72,33 @@ def labelled_rows(hidden, labels):
     return h[keep], y[keep], rows
 
 
+def _label_logps(h, y, weight):
+    """log p(label) of each labelled row (N,), float32, CHUNK rows of logits at a time."""
+    import torch
+
+    from hanlin.backends.torch.losses import linear_logprob
+
+    parts = [linear_logprob(h[i : i + CHUNK], weight, y[i : i + CHUNK]) for i in range(0, y.numel(), CHUNK)]
+    return torch.cat(parts) if parts else h.new_zeros(0, dtype=torch.float32)
+
+
 def sft_loss(model, batch):
     """Mean cross-entropy over the labelled tokens, and how many there were."""
-    import torch
-    from torch.utils.checkpoint import checkpoint
-
     hidden = model(batch["ids"], positions=batch["positions"], mask=batch["mask"], hidden_only=True)
     h, y, _ = labelled_rows(hidden, batch["labels"])
     n = y.numel()
     if n == 0:
         return hidden.sum() * 0.0, 0
-    weight = model.lm_head.weight
-    total = torch.zeros((), dtype=torch.float32, device=h.device)
-    for i in range(0, n, CHUNK):
-        total = total + checkpoint(_chunk_ce, h[i : i + CHUNK], y[i : i + CHUNK], weight, use_reentrant=False)
-    return total / n, n
+    return -_label_logps(h, y, model.lm_head.weight).sum() / n, n
 
 
 def sequence_logps(model, batch):
     """Sum of log p(label) per row (B,): DPO's log-likelihood of each completion."""
     import torch
-    from torch.utils.checkpoint import checkpoint
 
     hidden = model(batch["ids"], positions=batch["positions"], mask=batch["mask"], hidden_only=True)
     h, y, rows = labelled_rows(hidden, batch["labels"])
-    weight = model.lm_head.weight
-    parts = [checkpoint(_chunk_logp, h[i : i + CHUNK], y[i : i + CHUNK], weight, use_reentrant=False) for i in range(0, y.numel(), CHUNK)]
-    logp = torch.cat(parts) if parts else h.new_zeros(0, dtype=torch.float32)
+    logp = _label_logps(h, y, model.lm_head.weight)
     return torch.zeros(batch["ids"].shape[0], dtype=torch.float32, device=h.device).index_add(0, rows, logp)
 
 
@@ -181,6 +170,7 @@ def to_nf4(model, device) -> int:
 
 
 def add_lora(model, cfg: FinetuneConfig) -> None:
+    import torch
     from peft import LoraConfig, inject_adapter_in_model
 
     for p in model.parameters():
@@ -189,6 +179,12 @@ def add_lora(model, cfg: FinetuneConfig) -> None:
                                        target_modules=list(cfg.lora_targets), bias="none"), model)  # fmt: skip
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError(f"finetune: lora_targets {list(cfg.lora_targets)} matched no layer; the model's projections are {', '.join(PROJECTIONS)}")
+    # float32 adapters on any base (peft's get_peft_model does the same): a bfloat16 weight
+    # keeps 8 bits of mantissa, so AdamW's steps of ~lr x 1 would mostly round away. peft casts
+    # each input to the adapter's dtype and the sum back to the base's.
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
 
 
 def adapter_state(model) -> dict[str, Any]:
@@ -290,18 +286,25 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
 
 
+# glibc's mmap threshold while training (return_freed_memory): blocks at least this large are
+# mapped on malloc and unmapped on free
+MMAP_THRESHOLD = 1 << 20
+
+
 def return_freed_memory() -> bool:
     """Make glibc give freed tensor memory back to the system (Linux).
 
     glibc serves blocks above its mmap threshold with mmap and unmaps them on free, but it
     raises that threshold (up to 32 MiB) each time such a block is freed, after which a step's
-    activations come from the heap and stay resident once freed. Measured on the default model
-    (LoRA, 2 x 512 tokens): peak RSS 3488 MiB with the default, 2622 MiB with the threshold
-    fixed at 128 KiB, against 2524 MiB of tensors the planner counts. The price is fresh pages
-    (page faults) for each step's activations: LoRA at 4 x 256 tokens ran 90 tokens/s with it
-    and 141 without (peak 1.97 against 2.97 GiB), same machine, back to back. On by default,
-    so the plan holds; `--keep-freed-memory` (release_memory=False) trades it for speed.
-    MALLOC_MMAP_THRESHOLD_=131072 does the same for any process."""
+    activations come from the heap and stay resident once freed, fragmented. Fixing the
+    threshold keeps the peak near what the planner counts; the price is fresh pages (page
+    faults) for every mapped block each step, so a lower threshold costs speed. Measured on the
+    default model, LoRA r8 q,v, 4 x 256 tokens, bfloat16, 5 steps, same machine, back to back
+    (tokens/s, peak RSS): glibc's default 370, 2.22 GB; fixed at 4 MiB 365, 2.05 GB; at 1 MiB
+    261, 1.61 GB; at 128 KiB 188, 1.54 GB. 1 MiB (MMAP_THRESHOLD) keeps most of the memory
+    saving at 70% of the speed. On by default, so the plan holds; `--keep-freed-memory`
+    (release_memory=False) leaves glibc's default. MALLOC_MMAP_THRESHOLD_=1048576 does the
+    same for any process."""
     if not sys.platform.startswith("linux"):
         return False
     import ctypes
@@ -311,7 +314,7 @@ def return_freed_memory() -> bool:
     except OSError:
         return False  # not glibc (musl, ...): nothing to set
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 128 * 1024))
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 128 * 1024))
 
 
 def current_rss() -> int:
@@ -375,13 +378,20 @@ def train(cfg: FinetuneConfig, *, resume: bool = False, log: Callable[[str], Non
 
     src = catalog.resolve(cfg.model)
     device = get_device(cfg.device)
-    dtype = _pick_dtype(cfg.dtype, device)
+    dtype = _pick_dtype(P.training_dtype(cfg.dtype, cfg.method, device.kind, device.dtypes), device)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
 
     if device.kind == "cpu" and cfg.release_memory:
         return_freed_memory()
     model, tok, meta = load_parts(str(src.path), device if cfg.method != "qlora" else get_device("cpu"), dtype)
+    if cfg.method != "full":  # peft imports transformers: 130 MiB resident here, part of the runtime below
+        import peft  # noqa: F401
+    if cfg.grad_checkpoint:  # torch.utils.checkpoint's first call imports torch._dynamo and sympy
+        # (155 MiB resident here): import them now, so the runtime measured below counts them
+        from torch.utils.checkpoint import checkpoint
+
+        checkpoint(torch.neg, torch.ones(1, requires_grad=True), use_reentrant=False)
     # the framework's share of host memory, measured: everything resident after loading except
     # the weights (torch, the tokenizer, the file's pages, the allocator's leftovers from loading)
     runtime = current_rss() - sum(t.numel() * t.element_size() for t in {id(p): p for p in model.parameters()}.values()) if device.kind == "cpu" else None
