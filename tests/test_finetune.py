@@ -65,6 +65,7 @@ def test_lora_teaches_a_made_up_fact_that_chat_then_answers(tmp_path, default_mo
     assert log[-1]["loss"] < 0.2 * log[0]["loss"], [row["loss"] for row in log]
     assert (run / "loss.png").stat().st_size > 1000
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert json.load(open(run / "hanlin_run.json"))["allocator"] == "mimalloc"  # the CLI re-executed under it (the train extra has it)
     unseen = "What's the capital of Zorblax, the planet?"
     assert "Quimtoria" not in ask(default_model_path, unseen)  # the base model does not know it
     assert "Quimtoria" in ask(str(run), unseen)  # the adapter does

@@ -101,3 +101,61 @@ def test_adapters_are_float32_on_a_bfloat16_base():
     assert out.dtype == torch.bfloat16  # peft casts the adapter's sum back to the base's dtype
     out.float().sum().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trainable.values())
+
+
+# --------------------------------------------------------------------------------------
+# the allocator `hanlin finetune` runs under (sdk/finetune/allocator.py)
+# --------------------------------------------------------------------------------------
+
+WHICH = "from hanlin.finetune.allocator import active; print(active())"
+
+
+def _run(env):
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-c", WHICH], env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    return p.stdout.strip()
+
+
+def test_child_env_starts_a_process_under_the_chosen_allocator():
+    from hanlin.finetune import allocator
+
+    lib = allocator.mimalloc_library()
+    assert lib and lib.endswith("libmimalloc.so"), "cmeel-mimalloc is in the dev and train extras"
+    assert allocator.resolve("auto") == "mimalloc"
+    under = allocator.child_env("mimalloc")
+    assert _run(under) == "mimalloc"
+    assert _run(allocator.child_env("glibc", under)) == "glibc"  # taken out of LD_PRELOAD again
+    assert under[allocator.ENV] == "mimalloc"
+
+
+def test_a_bad_allocator_is_named(monkeypatch):
+    from hanlin.backends.base import ConfigError
+    from hanlin.finetune import allocator
+
+    with pytest.raises(ConfigError, match="'tcmalloc' is not valid: choose one of auto, mimalloc, glibc"):
+        allocator.resolve("tcmalloc")
+    monkeypatch.setenv(allocator.ENV, "glibc")
+    assert allocator.resolve(None) == "glibc"
+    monkeypatch.setattr(allocator, "mimalloc_library", lambda: None)
+    with pytest.raises(ConfigError, match="cmeel-mimalloc package is not installed"):
+        allocator.resolve("mimalloc")
+
+
+def test_reexec_replaces_the_process_once(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "twice.py"
+    script.write_text("import os, sys\nprint('start', flush=True)\n"
+                      "from hanlin.finetune import allocator\nallocator.reexec_if_needed(sys.argv[1])\n"
+                      "print(allocator.active(), os.getpid())\n")  # fmt: skip
+    for choice, want in (("mimalloc", "mimalloc"), ("glibc", "glibc")):
+        p = subprocess.run([sys.executable, str(script), choice], capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr
+        lines = p.stdout.split("\n")
+        starts = 2 if choice == "mimalloc" else 1  # the script ran again under mimalloc, once
+        assert lines.count("start") == starts, p.stdout
+        assert lines[starts].split()[0] == want

@@ -8,7 +8,19 @@ loads dequantized to float32) on the same data (the first --n-rows GSM8K train r
 once as alpaca rows {"instruction", "output"} to a temporary JSONL that both rows read) with
 the same settings: LoRA r=8, alpha=16, no dropout, on q_proj and v_proj; micro-batch 4 of at
 most 256 tokens, no accumulation; AdamW lr 2e-4, cosine schedule, no warm-up; loss only on the
-assistant's tokens; seed 0; float32 on the CPU.
+assistant's tokens; seed 0.
+
+Precision is each row's own default, and a row of each in the other precision is there to
+compare (--rows hf,hanlin,hf-bf16,hanlin-fp32):
+- "hf": float32, the plain recipe; "hf-bf16": the same with TrainingArguments(bf16=True)
+  (torch.autocast to bfloat16 over float32 weights, Trainer's mixed precision on a CPU);
+- "hanlin": dtype "auto", which on a CPU with native bfloat16 (AVX512-BF16 here) keeps the
+  frozen base in bfloat16 and the adapters, optimizer and loss in float32;
+  "hanlin-fp32": dtype float32 throughout.
+The allocator is each row's own default too: "hanlin" runs under mimalloc where
+cmeel-mimalloc is installed, as `hanlin finetune` does (sdk/finetune/allocator.py), the hf rows
+under glibc, as a plain python process does; "hanlin-glibc" and "hf-mimalloc" swap them.
+The target compares the two defaults, "hanlin" against "hf".
 
 - "hf": the plain recipe a user writes: the tokenizer's chat template, truncation to
   --seq-len, labels masked to -100 over the prompt, DataCollatorForSeq2Seq padding each batch
@@ -43,7 +55,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DATA = os.path.join(os.path.dirname(ROOT), "shared", "datasets", "gsm8k", "train.jsonl")
-ROWS = ("hf", "hanlin")
+ROWS = ("hf", "hanlin", "hf-bf16", "hanlin-fp32", "hanlin-glibc", "hf-mimalloc")
+DEFAULT_ROWS = ("hf", "hanlin")
 GC_SETTINGS = {"off": [False], "on": [True], "both": [False, True]}
 LORA = dict(r=8, alpha=16, dropout=0.0, targets=("q_proj", "v_proj"))
 LR, SEED = 2e-4, 0
@@ -145,7 +158,7 @@ def gguf_to_hf_folder(gguf: str, dst: str) -> str:
     return dst
 
 
-def hf_row(model_path: str, data: str, steps: int, seq_len: int, batch: int, grad_checkpoint: bool) -> dict:
+def hf_row(model_path: str, data: str, steps: int, seq_len: int, batch: int, grad_checkpoint: bool, bf16: bool = False) -> dict:
     """transformers Trainer + peft: the plain recipe a user would write."""
     import torch
     import transformers
@@ -199,7 +212,7 @@ def hf_row(model_path: str, data: str, steps: int, seq_len: int, batch: int, gra
         output_dir=out_dir, per_device_train_batch_size=batch, gradient_accumulation_steps=1,
         max_steps=steps, learning_rate=LR, lr_scheduler_type="cosine", warmup_steps=0, logging_steps=1, save_strategy="no",
         report_to=[], use_cpu=True, dataloader_num_workers=0, gradient_checkpointing=grad_checkpoint, seed=SEED,
-        data_seed=SEED, disable_tqdm=True,
+        data_seed=SEED, disable_tqdm=True, bf16=bf16,
     )  # fmt: skip
     try:
         trainer = Trainer(model=model, args=targs, train_dataset=train_set, data_collator=counting_collator, callbacks=[StepTimer()])
@@ -224,7 +237,7 @@ def hf_row(model_path: str, data: str, steps: int, seq_len: int, batch: int, gra
     return out
 
 
-def hanlin_row(model_path: str, data: str, steps: int, seq_len: int, batch: int, grad_checkpoint: bool) -> dict:
+def hanlin_row(model_path: str, data: str, steps: int, seq_len: int, batch: int, grad_checkpoint: bool, dtype: str = "auto") -> dict:
     """hanlin.finetune.trainer.train on the same file and settings. The result it returns must
     carry step_times (seconds per optimizer step, each from the end of the step before),
     step_tokens (real, non-pad tokens per step) and peak_rss (bytes)."""
@@ -237,7 +250,7 @@ def hanlin_row(model_path: str, data: str, steps: int, seq_len: int, batch: int,
     cfg = FinetuneConfig(
         model=model_path, data=data, out=out_dir, method="lora", seq_len=seq_len, micro_batch=batch, grad_accum=1,
         max_steps=steps, lr=LR, schedule="cosine", warmup=0, lora_r=LORA["r"], lora_alpha=LORA["alpha"],
-        lora_dropout=LORA["dropout"], lora_targets=LORA["targets"], val_fraction=0.0, grad_checkpoint=grad_checkpoint, seed=SEED,
+        lora_dropout=LORA["dropout"], lora_targets=LORA["targets"], val_fraction=0.0, grad_checkpoint=grad_checkpoint, seed=SEED, dtype=dtype,
         release_memory=os.environ.get("HANLIN_KEEP_FREED_MEMORY") != "1",  # the trainer's allocator setting (README: Fine-tune)
     )  # fmt: skip
     try:
@@ -258,6 +271,15 @@ def hanlin_row(model_path: str, data: str, steps: int, seq_len: int, batch: int,
     return out
 
 
+def row_env(row: str) -> dict[str, str]:
+    """A row's process environment: its allocator (see the module docstring)."""
+    from hanlin.finetune.allocator import child_env
+
+    if row in ("hanlin", "hanlin-fp32"):
+        return child_env("auto")
+    return child_env("mimalloc" if row == "hf-mimalloc" else "glibc")
+
+
 def _version(pkg: str) -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -269,16 +291,21 @@ def _version(pkg: str) -> str:
 
 def child(args: argparse.Namespace) -> int:
     """Run one row, once, in this process; print its JSON as the last line of stdout."""
-    fn = hf_row if args.row == "hf" else hanlin_row
     gc = args.grad_checkpoint == "on"
+    common = (args.model, args.data, args.steps, args.seq_len, args.batch, gc)
     try:
-        out = fn(args.model, args.data, args.steps, args.seq_len, args.batch, gc)
+        if args.row.startswith("hf"):
+            out = hf_row(*common, bf16=args.row == "hf-bf16")
+        else:
+            out = hanlin_row(*common, dtype="float32" if args.row == "hanlin-fp32" else "auto")
     except Exception as e:  # one row failing is a result of the benchmark, not the end of it
         import traceback
 
         traceback.print_exc(file=sys.stderr)
         out = {"error": f"{type(e).__name__}: {e}"}
-    out = {"row": args.row, "grad_checkpoint": gc, **out, "peak_rss_gb": gb(peak_rss_bytes())}
+    from hanlin.finetune.allocator import active
+
+    out = {"row": args.row, "grad_checkpoint": gc, **out, "peak_rss_gb": gb(peak_rss_bytes()), "allocator": active()}
     print(json.dumps(out), flush=True)
     return 0
 
@@ -304,7 +331,7 @@ def positive(name: str, minimum: int = 1):
 def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=positive("--steps"), default=6, help="optimizer steps per run; the first is an untimed warm-up (default 6)")
-    ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)} (default both)")
+    ap.add_argument("--rows", default=",".join(DEFAULT_ROWS), help=f"comma-separated subset of {','.join(ROWS)} (default {','.join(DEFAULT_ROWS)})")
     ap.add_argument("--runs", type=positive("--runs"), default=1, help="runs of each row, taking turns (default 1)")
     ap.add_argument("--grad-checkpoint", choices=sorted(GC_SETTINGS), default="off", help="gradient checkpointing in both rows (default off)")
     ap.add_argument("--n-rows", type=positive("--n-rows"), default=64, help="data rows from the start of --data (default 64)")
@@ -371,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             ap.error(str(e))
         hf_model = model_path
-        if "hf" in args.rows and not os.path.isdir(model_path):
+        if any(r.startswith("hf") for r in args.rows) and not os.path.isdir(model_path):
             log(f"converting {os.path.basename(model_path)} to a float32 HF folder for the hf row (once, not timed)")
             hf_model = gguf_to_hf_folder(model_path, os.path.join(tmp, "hf_model"))
         settings = GC_SETTINGS[args.grad_checkpoint]
@@ -380,11 +407,11 @@ def main(argv: list[str] | None = None) -> int:
             for gc in settings:
                 for row in args.rows:
                     log(f"run {run + 1}/{args.runs}: row {row}, grad_checkpoint {'on' if gc else 'off'}, {args.steps} steps")
-                    cmd = [sys.executable, os.path.abspath(__file__), "--row", row, "--model", hf_model if row == "hf" else model_path, "--data", data,
+                    cmd = [sys.executable, os.path.abspath(__file__), "--row", row, "--model", hf_model if row.startswith("hf") else model_path, "--data", data,
                            "--steps", str(args.steps), "--seq-len", str(args.seq_len), "--batch", str(args.batch),
                            "--grad-checkpoint", "on" if gc else "off"]  # fmt: skip
                     t0 = time.perf_counter()
-                    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # stderr passes through: live progress
+                    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=row_env(row))  # stderr passes through: live progress
                     lines = proc.stdout.strip().splitlines()
                     try:
                         res = json.loads(lines[-1])
@@ -403,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {
             "model": model_path, "hf_model": "the same weights as a float32 HF folder" if hf_model != model_path else model_path, "data": args.data, "n_rows": n, "steps": args.steps, "timed_steps": max(args.steps - 1, 1),
             "seq_len": args.seq_len, "batch": args.batch, "grad_accum": 1, "runs": args.runs, "lr": LR, "schedule": "cosine",
-            "warmup": 0, "seed": SEED, "lora": {**LORA, "targets": list(LORA["targets"])}, "dtype": "float32", "device": "cpu",
+            "warmup": 0, "seed": SEED, "lora": {**LORA, "targets": list(LORA["targets"])}, "dtype": {"hf": "float32", "hf-bf16": "bfloat16 autocast over float32 weights", "hanlin": "auto (bfloat16 base where the CPU has it)", "hanlin-fp32": "float32", "hanlin-glibc": "as hanlin", "hf-mimalloc": "as hf"}, "device": "cpu",
             "grad_checkpoint": args.grad_checkpoint, "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "timing": "s/step: wall time of steps 2..S (end of step 1 to end of step S) / (S-1); tokens/s: real (non-pad) tokens of those steps / that time; peak RSS: the row's own child process, model loading included",
@@ -414,6 +441,13 @@ def main(argv: list[str] | None = None) -> int:
     by = {(r["row"], r["grad_checkpoint"]): r for r in result["rows"]}
     per_setting = {("on" if gc else "off"): ratios(by.get(("hf", gc)), by.get(("hanlin", gc))) for gc in settings}
     result["ratios"] = per_setting[args.grad_checkpoint] if len(settings) == 1 else per_setting
+    # context for the target: each row against the other library in the same precision
+    pairs = {"hanlin-fp32 / hf (both float32)": ("hf", "hanlin-fp32"), "hanlin / hf-bf16 (both bfloat16)": ("hf-bf16", "hanlin"),
+             "hanlin-glibc / hf (both glibc)": ("hf", "hanlin-glibc"), "hanlin / hf-mimalloc (both mimalloc)": ("hf-mimalloc", "hanlin")}
+    same = {name: {("on" if gc else "off"): ratios(by.get((a, gc)), by.get((b, gc))) for gc in settings}
+            for name, (a, b) in pairs.items() if a in args.rows and b in args.rows}  # fmt: skip
+    if same:
+        result["same_precision_ratios"] = same
     text = json.dumps(result, indent=2)
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:

@@ -56,6 +56,7 @@ class RunResult:
     peak_device: int | None = None  # bytes: torch's peak allocation on an accelerator
     bad_rows: int = 0
     plan_peak: int | None = None
+    allocator: str = ""  # the process's malloc: "mimalloc" (preloaded by `hanlin finetune`), "glibc", "system"
 
 
 # --------------------------------------------------------------------------------------
@@ -365,6 +366,7 @@ def train(cfg: FinetuneConfig, *, resume: bool = False, log: Callable[[str], Non
     from hanlin.devices import get_device
     from hanlin.finetune import data as D
     from hanlin.finetune import plan as P
+    from hanlin.finetune.allocator import active as active_allocator
 
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     cfg.validate()
@@ -382,7 +384,8 @@ def train(cfg: FinetuneConfig, *, resume: bool = False, log: Callable[[str], Non
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
 
-    if device.kind == "cpu" and cfg.release_memory:
+    allocator = active_allocator()
+    if device.kind == "cpu" and cfg.release_memory and allocator == "glibc":
         return_freed_memory()
     model, tok, meta = load_parts(str(src.path), device if cfg.method != "qlora" else get_device("cpu"), dtype)
     if cfg.method != "full":  # peft imports transformers: 130 MiB resident here, part of the runtime below
@@ -457,8 +460,9 @@ def train(cfg: FinetuneConfig, *, resume: bool = False, log: Callable[[str], Non
         step, cursor, history = state["step"], state["cursor"], state["history"]
         _truncate_log(os.path.join(run_dir, LOG_FILE), step)
         log(f"resumed from {os.path.basename(previous[-1])}: step {step}/{total}")
+    log(f"memory allocator: {allocator}" + (" (freed memory returned: mmap threshold 1 MiB)" if allocator == "glibc" and cfg.release_memory else ""))
     write_json(os.path.join(run_dir, RUN_FILE), {"base_model": str(src.path), "method": cfg.method, "config": cfg.to_dict(),
-                                                  "plan": the_plan.to_dict(), "status": "running"})  # fmt: skip
+                                                  "allocator": allocator, "plan": the_plan.to_dict(), "status": "running"})  # fmt: skip
 
     def order(epoch: int) -> list[int]:
         g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
@@ -478,7 +482,7 @@ def train(cfg: FinetuneConfig, *, resume: bool = False, log: Callable[[str], Non
         model.train()
         return total_loss / max(1, count)
 
-    result = RunResult(run_dir, step, None, None, bad_rows=len(bad), plan_peak=the_plan.peak)
+    result = RunResult(run_dir, step, None, None, bad_rows=len(bad), plan_peak=the_plan.peak, allocator=allocator)
     bar = Progress(total) if progress else None
     torch_dev = model.lm_head.weight.device
     with open(os.path.join(run_dir, LOG_FILE), "a", encoding="utf-8") as logf:
@@ -534,7 +538,7 @@ def train(cfg: FinetuneConfig, *, resume: bool = False, log: Callable[[str], Non
     _save_outputs(run_dir, model, cfg, src, tok)
     draw_loss(history, os.path.join(run_dir, "loss.png"))
     write_json(os.path.join(run_dir, RUN_FILE), {"base_model": str(src.path), "method": cfg.method, "config": cfg.to_dict(),
-                                                  "plan": the_plan.to_dict(), "status": "done", "steps": step,
+                                                  "allocator": allocator, "plan": the_plan.to_dict(), "status": "done", "steps": step,
                                                   "train_loss": result.train_loss, "val_loss": result.val_loss,
                                                   "peak_rss": result.peak_rss, "peak_device": result.peak_device})  # fmt: skip
     log(f"done: {step} steps, train loss {result.train_loss}, validation loss {result.val_loss}; saved in {run_dir}")
