@@ -159,3 +159,24 @@ def test_reexec_replaces_the_process_once(tmp_path):
         starts = 2 if choice == "mimalloc" else 1  # the script ran again under mimalloc, once
         assert lines.count("start") == starts, p.stdout
         assert lines[starts].split()[0] == want
+
+
+@pytest.mark.parametrize("name", ["adamw8bit", "paged_adamw8bit"])
+def test_8bit_adamw_keeps_8bit_state_and_descends_on_the_cpu(name):
+    pytest.importorskip("bitsandbytes")
+    from hanlin.finetune.trainer import make_optimizer
+
+    g = torch.Generator().manual_seed(0)
+    target = torch.randn(64, 128, generator=g)
+    w = torch.nn.Parameter(torch.zeros(64, 128))  # 8192 elements: above bitsandbytes' 4096 minimum for 8-bit state
+    opt = make_optimizer([w], FinetuneConfig(model="-", data="-", out="-", optimizer=name), 1e-2, "cpu")
+    losses = []
+    for _ in range(30):
+        loss = ((w - target) ** 2).mean()
+        losses.append(float(loss))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    state = opt.state[w]
+    assert state["state1"].dtype == torch.uint8 and state["state2"].dtype == torch.uint8  # 1 byte per moment, not 4
+    assert losses[-1] < 0.75 * losses[0], losses
