@@ -18,7 +18,15 @@ pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is no
 class Pane:
     def __init__(self, command: str):
         self.name = f"hanlin-test-{uuid.uuid4().hex[:8]}"
-        subprocess.run(["tmux", "new-session", "-d", "-s", self.name, "-x", "160", "-y", "50", command], check=True)
+        # the previous test's kill-session can leave the tmux server exiting as this connects
+        # ("server exited unexpectedly"): a new server starts on the next try
+        for attempt in range(3):
+            p = subprocess.run(["tmux", "new-session", "-d", "-s", self.name, "-x", "160", "-y", "50", command], capture_output=True, text=True)
+            if p.returncode == 0:
+                break
+            time.sleep(0.5)
+        else:
+            raise AssertionError(f"tmux new-session failed 3 times: {p.stderr.strip()}")
         subprocess.run(["tmux", "set-option", "-t", self.name, "remain-on-exit", "on"], check=True)
 
     def screen(self) -> str:

@@ -56,9 +56,13 @@ class TorchEngine(TokenizerMethods):
     @classmethod
     def supports(cls, path: str) -> str | None:
         """None when this engine can build the model at path, else why not."""
-        if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "hanlin_run.json")):
-            from hanlin.backends.torch.archs import why_not_native
+        from hanlin.backends.torch.archs import why_not_native
+        from hanlin.backends.torch.lora import is_run_dir, run_base
 
+        if is_run_dir(path):  # a fine-tuning run: native when its base is
+            base = run_base(path)
+            return why_not_native(base) if base and os.path.isdir(base) else None
+        if os.path.isdir(path):
             return why_not_native(path)
         return None
 

@@ -31,7 +31,7 @@ from hanlin.devices.tools import installed
 class HFEngine:
     name: ClassVar[str] = "hf"
     capabilities: ClassVar[Capabilities] = Capabilities(
-        formats=frozenset({"hf"}),
+        formats=frozenset({"hf", "run"}),  # run: a hanlin finetune run of an architecture only transformers builds
         device_kinds=frozenset({"cpu", "cuda", "npu", "mps"}),
         trainable=True,
         priority=10,  # the fallback: the native engine goes first where it can
@@ -50,13 +50,24 @@ class HFEngine:
 
         from hanlin.backends.hf_meta import load_folder_template
         from hanlin.backends.torch.engine import _pick_dtype
+        from hanlin.backends.torch.lora import ADAPTER_DIR, MODEL_DIR, is_run_dir, merge_lora, read_run
 
+        run_dir, tuned, adapter = None, None, None
+        if is_run_dir(path):  # a fine-tuning run: its base, with the adapter merged or the tuned weights
+            run = read_run(path)
+            run_dir, path = path, run["base_model"]
+            if run["method"] == "full":
+                tuned = os.path.join(run_dir, MODEL_DIR)
+            else:
+                adapter = os.path.join(run_dir, ADAPTER_DIR)
         try:
             cfg = AutoConfig.from_pretrained(path, trust_remote_code=False)
         except ValueError as e:
             raise ModelError(f"{path}: transformers does not know this architecture without remote code: {e}") from None
         tdtype = _pick_dtype(dtype, device)
-        model = AutoModelForCausalLM.from_pretrained(path, config=cfg, dtype=tdtype, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(tuned or path, config=None if tuned else cfg, dtype=tdtype, trust_remote_code=False)
+        if adapter:
+            merge_lora(model, adapter)  # W += (alpha / r) B A: the adapter's keys are this model's module names
         model.to(device.spec() if device.kind != "cpu" else "cpu").eval()
         tok = AutoTokenizer.from_pretrained(path)
         trained = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 2048
@@ -137,3 +148,86 @@ class HFEngine:
 
     def close(self) -> None:
         self.model = None
+
+
+# --------------------------------------------------------------------------------------
+# fine-tuning an architecture the native model does not build (hanlin.finetune)
+# --------------------------------------------------------------------------------------
+
+
+def _trainable_class():
+    import torch
+
+    class HFTrainable(torch.nn.Module):
+        """A transformers causal LM behind the native Transformer's training interface:
+        forward(ids, positions, mask, hidden_only=True) -> the final hidden states (B, T, C), and
+        .lm_head, .config (the shape the planner reads), .gradient_checkpointing. peft's adapters
+        go into .hf's own linears, so an adapter's keys are the transformers model's module names.
+
+        Rows are never packed for it (transformers' support for a block-diagonal 4D mask varies by
+        architecture): each row is one example, right-padded, and the padding mask is read from
+        the positions (0, 1, ..., n-1 for the real tokens, 0 for the padding after them)."""
+
+        def __init__(self, hf: Any, config: Any):
+            super().__init__()
+            self.hf = hf
+            self.config = config
+            self._checkpointing = False
+
+        @property
+        def lm_head(self):
+            return self.hf.get_output_embeddings()
+
+        @property
+        def gradient_checkpointing(self) -> bool:
+            return self._checkpointing
+
+        @gradient_checkpointing.setter
+        def gradient_checkpointing(self, on: bool) -> None:
+            if bool(on) != self._checkpointing:
+                if on:
+                    self.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                else:
+                    self.hf.gradient_checkpointing_disable()
+            self._checkpointing = bool(on)
+
+        def forward(self, ids, positions=None, mask=None, hidden_only: bool = True):
+            if not hidden_only:
+                raise ValueError("HFTrainable returns hidden states only (the trainer applies lm_head itself)")
+            real = torch.ones_like(ids, dtype=torch.bool)
+            if positions is not None:
+                real[:, 1:] = positions[:, 1:] > 0  # (B, T): unpacked rows, padding after the real tokens
+            out = self.hf.get_decoder()(input_ids=ids, attention_mask=real.long(), position_ids=positions, use_cache=False)
+            return out.last_hidden_state  # (B, T, C)
+
+    return HFTrainable
+
+
+def load_trainable(path: str, device: Device, dtype: Any) -> tuple[Any, Any, dict[str, Any]]:
+    """(model, tokenizer, meta) for fine-tuning an HF folder with transformers: the model is an
+    HFTrainable, the tokenizer the same tokenizer.json reader the native engine uses."""
+    import json
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from hanlin.backends.hf_meta import load_folder_template
+    from hanlin.backends.tokenizer import HFTokenizer
+    from hanlin.backends.torch.weights import config_from_hf
+
+    try:
+        cfg = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except ValueError as e:
+        raise ModelError(f"{path}: transformers does not know this architecture without remote code: {e}") from None
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        raw = json.load(f)
+    try:  # the shape the planner reads: the decoder fields every llama-like config has
+        shape_cfg = config_from_hf(dict(raw, architectures=[], model_type="llama"))
+    except KeyError as e:
+        raise ModelError(f"{path}: config.json has no {e.args[0]!r}: the memory planner needs a decoder's "
+                         "hidden_size, num_hidden_layers, num_attention_heads, intermediate_size and vocab_size") from None  # fmt: skip
+    hf = AutoModelForCausalLM.from_pretrained(path, config=cfg, dtype=dtype, trust_remote_code=False)
+    hf.to(device.spec() if device.kind != "cpu" else "cpu")
+    template, bos, eos = load_folder_template(path)
+    meta = {"chat_template": template, "bos_token": bos, "eos_token": eos, "name": os.path.basename(path.rstrip("/")),
+            "architecture": (cfg.architectures or [cfg.model_type])[0]}  # fmt: skip
+    return _trainable_class()(hf, shape_cfg), HFTokenizer(path), meta

@@ -2,7 +2,9 @@
 
 A run directory (written by hanlin.finetune) holds hanlin_run.json (the base model's path and
 the method) and either adapter/ (LoRA weights in peft's file layout: adapter_config.json and
-adapter_model.safetensors, keys such as `layers.0.self_attn.q_proj.lora_A.weight`) or model/
+adapter_model.safetensors, keys such as `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`,
+the transformers model's module names under peft's prefix, so peft's PeftModel.from_pretrained
+loads it onto the base as transformers builds it) or model/
 (an HF folder: full fine-tuning). Loading one builds the base model and adds each adapter's
 update into the weight it adapts, W += (alpha / r) * B @ A: the merged model is an ordinary
 native Transformer, so generation runs at the base model's speed and needs no peft.
@@ -17,12 +19,22 @@ from typing import Any
 from hanlin.backends.base import ModelError
 
 RUN_FILE = "hanlin_run.json"
+PEFT_PREFIX = "base_model.model."  # peft's prefix for adapter keys (PeftModel -> LoraModel -> the model)
 ADAPTER_DIR = "adapter"
 MODEL_DIR = "model"
 
 
 def is_run_dir(path: str) -> bool:
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, RUN_FILE))
+
+
+def run_base(path: str) -> str | None:
+    """The base model a run directory names (unchecked: read_run checks it)."""
+    try:
+        with open(os.path.join(path, RUN_FILE), encoding="utf-8") as f:
+            return json.load(f).get("base_model")
+    except (OSError, ValueError):
+        return None
 
 
 def read_run(path: str) -> dict[str, Any]:
@@ -59,8 +71,11 @@ def merge_lora(model: Any, adapter_dir: str) -> int:
     for key, a in state.items():
         if not key.endswith(".lora_A.weight"):
             continue
-        name = key[: -len(".lora_A.weight")]
-        b = state.get(f"{name}.lora_B.weight")
+        stem = key[: -len(".lora_A.weight")]
+        b = state.get(f"{stem}.lora_B.weight")
+        name = stem.removeprefix(PEFT_PREFIX)
+        if name not in modules and name.startswith("model.") and name[len("model."):] in modules:
+            name = name[len("model."):]  # the native Transformer's names lack transformers' "model." level
         lin = modules.get(name)
         if b is None or lin is None or not isinstance(lin, torch.nn.Linear):
             raise ModelError(f"{adapter_dir}: adapter layer {name!r} has no matching linear in this model (or no lora_B)")

@@ -71,10 +71,21 @@ def merge(run_dir: str, out: str, log=None) -> str:
         raise ConfigError(f"finetune merge: {out} already exists; choose a new OUT (nothing is overwritten)")
     import torch
 
-    model, _, _ = load_run(run_dir, get_device("cpu"), torch.float32)
+    from hanlin.finetune.trainer import transformers_fallback
+
+    base = read_run(run_dir)["base_model"]
+    if transformers_fallback(base):  # an architecture only transformers builds: merged by the hf engine
+        from hanlin.backends.torch.hf import HFEngine
+
+        model = HFEngine.load(run_dir, get_device("cpu"), dtype="float32").model
+    else:
+        model, _, _ = load_run(run_dir, get_device("cpu"), torch.float32)
     tmp = f"{out}.partial-{os.getpid()}"
     try:
-        save_hf_folder(model, tmp)
+        if transformers_fallback(base):
+            model.save_pretrained(tmp)
+        else:
+            save_hf_folder(model, tmp)
         write_tokenizer_files(read_run(run_dir)["base_model"], tmp)
         os.replace(tmp, out)
     except BaseException:

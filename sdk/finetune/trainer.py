@@ -189,7 +189,7 @@ def add_lora(model, cfg: FinetuneConfig) -> None:
 
 
 def adapter_state(model) -> dict[str, Any]:
-    """The LoRA weights under peft's own names (so peft's PeftModel.from_pretrained reads them)."""
+    """The LoRA weights, keyed by module path in `model` (_save_outputs adds peft's prefix)."""
     from peft import get_peft_model_state_dict
 
     return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
@@ -387,7 +387,18 @@ def train(cfg: FinetuneConfig, *, resume: bool = False, log: Callable[[str], Non
     allocator = active_allocator()
     if device.kind == "cpu" and cfg.release_memory and allocator == "glibc":
         return_freed_memory()
-    model, tok, meta = load_parts(str(src.path), device if cfg.method != "qlora" else get_device("cpu"), dtype)
+    fallback = transformers_fallback(str(src.path))
+    if fallback and cfg.method == "qlora":
+        raise ConfigError(f"finetune: qlora swaps the native model's projections for NF4 ones; {src.path} is trained through "
+                          f"transformers ({fallback}): use --method lora (or full, dpo)")  # fmt: skip
+    if fallback:
+        from hanlin.backends.torch.hf import load_trainable
+
+        log(f"{fallback}: training it through transformers (rows unpacked, one example per sequence)")
+        model, tok, meta = load_trainable(str(src.path), device, dtype)
+    else:
+        model, tok, meta = load_parts(str(src.path), device if cfg.method != "qlora" else get_device("cpu"), dtype)
+    packing = cfg.packing and not fallback
     if cfg.method != "full":  # peft imports transformers: 130 MiB resident here, part of the runtime below
         import peft  # noqa: F401
     if cfg.grad_checkpoint:  # torch.utils.checkpoint's first call imports torch._dynamo and sympy
@@ -425,8 +436,8 @@ def train(cfg: FinetuneConfig, *, resume: bool = False, log: Callable[[str], Non
         def collate(group):
             return D.collate_pairs(group, pad_id)
     else:
-        seqs = D.pack(train_items, cfg.seq_len, pad_id) if cfg.packing else D.unpacked(train_items, cfg.seq_len, pad_id)
-        vseqs = D.pack(val_items, cfg.seq_len, pad_id) if cfg.packing else D.unpacked(val_items, cfg.seq_len, pad_id)
+        seqs = D.pack(train_items, cfg.seq_len, pad_id) if packing else D.unpacked(train_items, cfg.seq_len, pad_id)
+        vseqs = D.pack(val_items, cfg.seq_len, pad_id) if packing else D.unpacked(val_items, cfg.seq_len, pad_id)
         batches = [seqs[i : i + cfg.micro_batch] for i in range(0, len(seqs), cfg.micro_batch)]
         val_batches = [vseqs[i : i + cfg.micro_batch] for i in range(0, len(vseqs), cfg.micro_batch)]
         collate = D.collate
@@ -571,22 +582,46 @@ def _truncate_log(path: str, step: int) -> None:
     os.replace(tmp, path)
 
 
+def transformers_fallback(path: str) -> str | None:
+    """Why an HF folder is trained through transformers (an architecture the native model does
+    not build), or None for the native model (GGUF files, run directories, llama/qwen2/internlm2)."""
+    from hanlin.backends.torch.archs import why_not_native
+    from hanlin.backends.torch.lora import is_run_dir
+
+    if not os.path.isdir(path) or is_run_dir(path):
+        return None
+    return why_not_native(path)
+
+
 def _save_outputs(run_dir: str, model, cfg: FinetuneConfig, src, tok) -> None:
     from safetensors.torch import save_file
 
     from hanlin.backends.torch.weights import save_hf_folder
 
+    hf = getattr(model, "hf", None)  # the transformers fallback (backends/torch/hf.py HFTrainable)
     if cfg.method == "full":
-        save_hf_folder(model, os.path.join(run_dir, MODEL_DIR))
+        if hf is None:
+            save_hf_folder(model, os.path.join(run_dir, MODEL_DIR))
+        else:
+            tmp = tempfile.mkdtemp(prefix=".model-", dir=run_dir)
+            hf.save_pretrained(tmp)
+            shutil.rmtree(os.path.join(run_dir, MODEL_DIR), ignore_errors=True)
+            os.replace(tmp, os.path.join(run_dir, MODEL_DIR))
         return
+    # adapter keys in peft's layout over the transformers model's module names: the fallback's
+    # are those already (below its "hf." wrapper); the native Transformer's lack the "model." level
+    from hanlin.backends.torch.lora import PEFT_PREFIX
+
+    state = {PEFT_PREFIX + (k.removeprefix("hf.") if hf is not None else k if k.startswith("lm_head.") else "model." + k): v
+             for k, v in adapter_state(model).items()}  # fmt: skip
     out = os.path.join(run_dir, ADAPTER_DIR)
     tmp = tempfile.mkdtemp(prefix=".adapter-", dir=run_dir)
     try:
-        save_file(adapter_state(model), os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
+        save_file(state, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(tmp, "adapter_config.json"), "w", encoding="utf-8") as f:
             json.dump({"peft_type": "LORA", "r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
                        "target_modules": list(cfg.lora_targets), "bias": "none", "task_type": "CAUSAL_LM",
-                       "base_model_name_or_path": str(src.path), "hanlin_method": cfg.method}, f, indent=2)  # fmt: skip
+                       "base_model_name_or_path": str(src.path)}, f, indent=2)  # fmt: skip
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
     except BaseException:
