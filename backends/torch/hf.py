@@ -27,6 +27,16 @@ from hanlin.devices import Device
 from hanlin.devices.tools import installed
 
 
+def _auto_config(path: str) -> Any:
+    """transformers' config for an HF folder; remote code is never trusted."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except ValueError as e:
+        raise ModelError(f"{path}: transformers does not know this architecture without remote code: {e}") from None
+
+
 @register
 class HFEngine:
     name: ClassVar[str] = "hf"
@@ -46,7 +56,7 @@ class HFEngine:
 
     @classmethod
     def load(cls, path: str, device: Device, *, ctx_size: int | None = None, dtype: str = "auto", **_: Any) -> "HFEngine":
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from hanlin.backends.hf_meta import load_folder_template
         from hanlin.backends.torch.engine import _pick_dtype
@@ -60,10 +70,7 @@ class HFEngine:
                 tuned = os.path.join(run_dir, MODEL_DIR)
             else:
                 adapter = os.path.join(run_dir, ADAPTER_DIR)
-        try:
-            cfg = AutoConfig.from_pretrained(path, trust_remote_code=False)
-        except ValueError as e:
-            raise ModelError(f"{path}: transformers does not know this architecture without remote code: {e}") from None
+        cfg = _auto_config(path)
         tdtype = _pick_dtype(dtype, device)
         model = AutoModelForCausalLM.from_pretrained(tuned or path, config=None if tuned else cfg, dtype=tdtype, trust_remote_code=False)
         if adapter:
@@ -208,16 +215,13 @@ def load_trainable(path: str, device: Device, dtype: Any) -> tuple[Any, Any, dic
     HFTrainable, the tokenizer the same tokenizer.json reader the native engine uses."""
     import json
 
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from hanlin.backends.hf_meta import load_folder_template
     from hanlin.backends.tokenizer import HFTokenizer
     from hanlin.backends.torch.weights import config_from_hf
 
-    try:
-        cfg = AutoConfig.from_pretrained(path, trust_remote_code=False)
-    except ValueError as e:
-        raise ModelError(f"{path}: transformers does not know this architecture without remote code: {e}") from None
+    cfg = _auto_config(path)
     with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
         raw = json.load(f)
     try:  # the shape the planner reads: the decoder fields every llama-like config has

@@ -62,6 +62,8 @@ def merge_lora(model: Any, adapter_dir: str) -> int:
     import torch
     from safetensors.torch import load_file
 
+    from hanlin.backends.torch.weights import native_name
+
     with open(os.path.join(adapter_dir, "adapter_config.json"), encoding="utf-8") as f:
         cfg = json.load(f)
     scale = float(cfg["lora_alpha"]) / float(cfg["r"])
@@ -74,8 +76,8 @@ def merge_lora(model: Any, adapter_dir: str) -> int:
         stem = key[: -len(".lora_A.weight")]
         b = state.get(f"{stem}.lora_B.weight")
         name = stem.removeprefix(PEFT_PREFIX)
-        if name not in modules and name.startswith("model.") and name[len("model."):] in modules:
-            name = name[len("model."):]  # the native Transformer's names lack transformers' "model." level
+        if name not in modules:  # the native Transformer's names lack transformers' "model." level
+            name = native_name(name)
         lin = modules.get(name)
         if b is None or lin is None or not isinstance(lin, torch.nn.Linear):
             raise ModelError(f"{adapter_dir}: adapter layer {name!r} has no matching linear in this model (or no lora_B)")

@@ -122,9 +122,15 @@ def load_state(model: Transformer, state: dict[str, torch.Tensor], source: str) 
         model.lm_head.weight = model.embed_tokens.weight
 
 
-def _hf_name(name: str) -> str:
+def native_name(name: str) -> str:
+    """A transformers llama-layout parameter name -> this model's (no "model." level)."""
     name = name[len("model.") :] if name.startswith("model.") else name
     return name
+
+
+def hf_name(name: str) -> str:
+    """This model's parameter or module name -> transformers' llama layout (native_name's inverse)."""
+    return name if name.startswith("lm_head") else f"model.{name}"
 
 
 def unpack_internlm2(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -143,7 +149,7 @@ def unpack_internlm2(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[s
         "feed_forward.w2": "mlp.down_proj", "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
     }  # fmt: skip
     for name, t in state.items():
-        name = _hf_name(name)
+        name = native_name(name)
         if name in rename:
             out[rename[name]] = t
             continue
@@ -206,7 +212,7 @@ def load_hf_folder(folder: str, *, dtype: torch.dtype = torch.float32, device: s
     if cfg.arch == "internlm2":
         state = unpack_internlm2(state, cfg)
     else:
-        state = {_hf_name(k): v for k, v in state.items()}
+        state = {native_name(k): v for k, v in state.items()}
     return _build(cfg, state, folder, dtype, device)
 
 
@@ -228,7 +234,7 @@ def save_hf_folder(model: Transformer, out_dir: str) -> None:
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".hanlin-save-", dir=parent)
     try:
-        state = {f"model.{k}" if k != "lm_head.weight" else k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        state = {hf_name(k): v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         if model.config.tie_embeddings:
             state.pop("lm_head.weight", None)
         save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})

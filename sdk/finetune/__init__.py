@@ -73,8 +73,8 @@ def merge(run_dir: str, out: str, log=None) -> str:
 
     from hanlin.finetune.trainer import transformers_fallback
 
-    base = read_run(run_dir)["base_model"]
-    if transformers_fallback(base):  # an architecture only transformers builds: merged by the hf engine
+    fallback = transformers_fallback(read_run(run_dir)["base_model"])
+    if fallback:  # an architecture only transformers builds: merged by the hf engine
         from hanlin.backends.torch.hf import HFEngine
 
         model = HFEngine.load(run_dir, get_device("cpu"), dtype="float32").model
@@ -82,7 +82,7 @@ def merge(run_dir: str, out: str, log=None) -> str:
         model, _, _ = load_run(run_dir, get_device("cpu"), torch.float32)
     tmp = f"{out}.partial-{os.getpid()}"
     try:
-        if transformers_fallback(base):
+        if fallback:
             model.save_pretrained(tmp)
         else:
             save_hf_folder(model, tmp)

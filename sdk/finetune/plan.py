@@ -48,6 +48,32 @@ METHODS = ("lora", "qlora", "full", "dpo")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
 DTYPES = {"float32": 4, "bfloat16": 2}
 
+DEVICE_KINDS = ("cpu", "cuda", "npu")
+PROJECTIONS = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+)
+
+# The trainer computes lm_head + cross-entropy over LOSS_CHUNK selected positions at a time.
+LOSS_CHUNK = 256  # = hanlin.finetune.trainer.CHUNK (a test checks they agree)
+# Float32-sized (rows x V) buffers counted for one chunk (backends/torch/losses.py): the logits in
+# the matmul's dtype and their float32 copy, then in the backward the recomputed float32
+# (onehot - softmax) and its cast for the matmul. Four float32 buffers over-count that a little
+# on a bfloat16 model; the measured peaks stay within 7% (README, Fine-tune).
+LOGITS_BUFFERS = 4
+# An accelerator's own memory before the model loads: the CUDA context, cuBLAS workspace and
+# the caching allocator's first blocks (about 0.5 GiB on recent GPUs); torch_npu's context
+# and workspaces similarly (allowance, not measured here).
+CONTEXT_ALLOWANCE = {"cuda": GiB // 2, "npu": GiB}
+# NF4 with double quantization (bitsandbytes' default): 4 bits per weight, one 8-bit absmax
+# per block of 64, one float32 absmax per 256 of those blocks.
+NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
+
 
 def training_dtype(requested: str, method: str, device_kind: str, device_dtypes=()) -> str:
     """The compute dtype a run uses: `requested` unless it is "auto". Auto on an accelerator is
@@ -62,29 +88,6 @@ def training_dtype(requested: str, method: str, device_kind: str, device_dtypes=
     if device_kind != "cpu":
         return "bfloat16"
     return "bfloat16" if method != "full" and "bfloat16" in tuple(device_dtypes) else "float32"
-DEVICE_KINDS = ("cpu", "cuda", "npu")
-PROJECTIONS = (
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-)
-
-# The trainer computes lm_head + cross-entropy over LOSS_CHUNK selected positions at a time.
-LOSS_CHUNK = 256  # = hanlin.finetune.trainer.CHUNK (a test checks they agree)
-# Float32 (rows x V) buffers alive at once at the worst moment of one chunk's backward:
-# the recomputed logits, cross-entropy's saved log-softmax, and their two gradients.
-LOGITS_BUFFERS = 4
-# An accelerator's own memory before the model loads: the CUDA context, cuBLAS workspace and
-# the caching allocator's first blocks (about 0.5 GiB on recent GPUs); torch_npu's context
-# and workspaces similarly (allowance, not measured here).
-CONTEXT_ALLOWANCE = {"cuda": GiB // 2, "npu": GiB}
-# NF4 with double quantization (bitsandbytes' default): 4 bits per weight, one 8-bit absmax
-# per block of 64, one float32 absmax per 256 of those blocks.
-NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
 
 
 # --------------------------------------------------------------------------------------

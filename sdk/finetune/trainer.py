@@ -611,9 +611,9 @@ def _save_outputs(run_dir: str, model, cfg: FinetuneConfig, src, tok) -> None:
     # adapter keys in peft's layout over the transformers model's module names: the fallback's
     # are those already (below its "hf." wrapper); the native Transformer's lack the "model." level
     from hanlin.backends.torch.lora import PEFT_PREFIX
+    from hanlin.backends.torch.weights import hf_name
 
-    state = {PEFT_PREFIX + (k.removeprefix("hf.") if hf is not None else k if k.startswith("lm_head.") else "model." + k): v
-             for k, v in adapter_state(model).items()}  # fmt: skip
+    state = {PEFT_PREFIX + (k.removeprefix("hf.") if hf is not None else hf_name(k)): v for k, v in adapter_state(model).items()}
     out = os.path.join(run_dir, ADAPTER_DIR)
     tmp = tempfile.mkdtemp(prefix=".adapter-", dir=run_dir)
     try:
