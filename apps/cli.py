@@ -5,6 +5,8 @@
     hanlin models [--json]
     hanlin pull NAME [--force]
     hanlin perplexity [--model M] [--engine E] [--ctx 512] FILE
+    hanlin eval [--model M|URL] [--engine E] --tasks gsm8k,cmmlu,... [--limit N] [--shots K]
+    hanlin eval compare RUN1 RUN2 ...
 
 Errors a user can cause are printed as one clear sentence (exit code 2), never a traceback.
 The CLI holds no logic of its own: it parses flags and calls the SDK.
@@ -175,6 +177,30 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="compute dtype (default: bfloat16 where fast, else float32)")
     ft.add_argument("--seed", type=int, default=0)
     ft.set_defaults(func=cmd_finetune)
+
+    ev = sub.add_parser("eval", help="evaluate a model: GSM8K, CMMLU, HumanEval, WikiText-2, needle in a haystack",
+                        description="Run evaluation tasks on a model (any engine) or an OpenAI-compatible URL. Every answer is cached "
+                        "in the output folder, so running the same command again resumes where it stopped. "
+                        "`hanlin eval compare RUN1 RUN2 ...` puts runs side by side.",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    _model_args(ev)
+    ev.add_argument("--tasks", "-T", default=None, help="comma-separated built-in task names or .toml spec paths "
+                    "(gsm8k, cmmlu, cmmlu_circular, cmmlu_gen, humaneval, wikitext, needle)")  # fmt: skip
+    ev.add_argument("--limit", type=int, default=None, help="first N rows per task (per subject for CMMLU; chunks for wikitext)")
+    ev.add_argument("--shots", type=int, default=None, help="few-shot examples (default: each task's own)")
+    ev.add_argument("--chat-template", choices=("on", "off"), default="off", help="wrap each prompt in the model's chat template")
+    ev.add_argument("--data-dir", default=None, help="dataset folder (default: $HANLIN_DATA_DIR or ../shared/datasets)")
+    ev.add_argument("--output", "-o", default=None, help="run folder (default: eval-runs/<model>-<engine>): results.json/.md, samples, answer cache")
+    ev.add_argument("--fresh", action="store_true", help="delete the run folder's cached answers first")
+    ev.add_argument("--batch-size", type=int, default=8, help="requests per engine call")
+    ev.add_argument("--api-key", default=None, help="for an http(s):// --model (default: $OPENAI_API_KEY)")
+    ev.add_argument("--model-name", default=None, help="for an http(s):// --model: the served model's id (default: the first listed)")
+    ev.add_argument("--json", action="store_true", help="print the results as JSON")
+    evs = ev.add_subparsers(dest="eval_command", metavar="compare")
+    cmp_ = evs.add_parser("compare", help="put eval runs side by side", description="Put the results of several eval runs (their folders or results.json files) side by side.")
+    cmp_.add_argument("runs", nargs="+", help="run folders or results.json files")
+    cmp_.add_argument("--json", action="store_true", dest="compare_json", help="print the comparison as JSON")
+    ev.set_defaults(func=cmd_eval)
 
     sv = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API",
                         description="Serve a model over an OpenAI-compatible API (FastAPI + uvicorn) on 127.0.0.1:8000 by default. "
@@ -376,6 +402,55 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _split(name: str, value: str):
     return [v.strip() for v in value.split(",") if v.strip()] if name in ("api_keys", "cors_origins") else value
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import re
+    import time
+
+    from hanlin import evaluate as ev
+
+    if args.eval_command == "compare":
+        text, data = ev.compare(args.runs)
+        print(json.dumps(data, ensure_ascii=False) if args.compare_json else text)
+        return 0
+    if not args.tasks:
+        raise _UsageError(f"--tasks is required: choose from {', '.join(ev.builtin_tasks())} (comma-separated), or give .toml spec paths")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    model = args.model or __import__("hanlin").DEFAULT_MODEL
+    chat = args.chat_template == "on"
+    out = args.output or os.path.join("eval-runs", re.sub(r"[^A-Za-z0-9._-]+", "_", os.path.basename(model.rstrip("/")) or model)
+                                      + f"-{args.engine}" + ("-chat" if chat else ""))  # fmt: skip
+    tty = sys.stderr.isatty()
+    last = {"t": 0.0}
+
+    def progress(task: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done < total and now - last["t"] < (0.2 if tty else 10):
+            return
+        last["t"] = now
+        line = f"{task}: {done}/{total} answers"
+        print(("\r" + line + "   ") if tty else line, end="" if tty and done < total else "\n", file=sys.stderr, flush=True)
+
+    opts: dict[str, Any] = {}
+    if not model.startswith(("http://", "https://")):
+        opts = {"ctx_size": args.ctx_size, "threads": args.threads, "dtype": args.dtype}
+    m = ev.open_model(model, engine=args.engine, device=args.device, chat_template=chat, batch_size=args.batch_size,
+                      api_key=args.api_key, model_name=args.model_name, **opts)  # fmt: skip
+    try:
+        results = ev.evaluate(m, tasks, out_dir=out, data_dir=args.data_dir, limit=args.limit, shots=args.shots,
+                              batch_size=args.batch_size, fresh=args.fresh, progress=progress)  # fmt: skip
+    finally:
+        m.close()
+    if args.json:
+        print(json.dumps(results, ensure_ascii=False))
+        return 0
+    print(ev.table(results))
+    for t in results["tasks"]:
+        if t["bad_row_count"]:
+            print(f"{t['task']}: {t['bad_row_count']} malformed row(s) skipped, first: {t['bad_rows'][0]}", file=sys.stderr)
+    print(f"reports: {results['files']['json']}, {results['files']['markdown']}")
+    return 0
 
 
 def cmd_perplexity(args: argparse.Namespace) -> int:

@@ -133,6 +133,87 @@ class TorchEngine(TokenizerMethods):
         max_new = min(config.max_tokens or self.context_length, self.context_length - longest)
         return generate_batch(self.model, prompts, config, max_new, self.eos_token_ids if eos else frozenset())
 
+    def generate_text_batch(self, prompts: Sequence[Sequence[int]], config: GenerationConfig) -> list[str]:
+        """Greedy or sampled text for several prompts decoded together (the evaluation
+        harness's generate requests): each row ends at EOS, max_tokens or its first stop
+        string, and its text is cut there as apply_stops would cut it."""
+        from hanlin.backends.torch.generate import generate_batch
+
+        longest = max(len(p) for p in prompts)
+        check_prompt_fits(longest, self.context_length, config)
+        max_new = min(config.max_tokens or self.context_length, self.context_length - longest)
+        stops = config.stop
+
+        def hit(seq: list[int]) -> bool:
+            return any(s in self.detokenize(seq[-64:]) for s in stops)
+
+        rows = generate_batch(self.model, prompts, config, max_new, self.eos_token_ids, hit if stops else None)
+        out = []
+        for seq in rows:
+            if seq and seq[-1] in self.eos_token_ids:
+                seq = seq[:-1]
+            text = self.detokenize(seq)
+            cuts = [i for i in (text.find(s) for s in stops) if i != -1]
+            out.append(text[: min(cuts)] if cuts else text)
+        return out
+
+    shares_prefixes: ClassVar[bool] = True  # next_logprobs runs a prefix shared by many contexts once
+
+    def next_logprobs(self, contexts: Sequence[Sequence[int]]) -> list[Any]:
+        """float64 numpy (V,) per context: log p(next token | context).
+
+        Contexts that share a long prefix (a few-shot prompt: CMMLU's five examples are ~80% of
+        every question of a subject) have the prefix run once into a KV cache, and only their
+        own suffixes run, together, after it; the rest run in one right-padded forward (causal
+        attention never looks at the padding after a row's end)."""
+        for c in contexts:
+            check_scorable(len(c), self.context_length)
+        if not contexts:
+            return []
+        order = sorted(range(len(contexts)), key=lambda i: list(contexts[i]))  # shared prefixes end up adjacent
+        out: list[Any] = [None] * len(contexts)
+        group = [order[0]]
+        for i in order[1:] + [None]:
+            if i is not None and _common_prefix(contexts[group[0]], contexts[i]) >= PREFIX_MIN:
+                group.append(i)
+                continue
+            for g, r in zip(group, self._next_logprobs_group([list(contexts[g]) for g in group])):
+                out[g] = r
+            group = [i]
+        return out
+
+    def _next_logprobs_group(self, contexts: list[list[int]]) -> list[Any]:
+        import torch
+
+        with torch.inference_mode():
+            return self._next_logprobs_run(contexts)
+
+    def _next_logprobs_run(self, contexts: list[list[int]]) -> list[Any]:
+        import torch
+
+        from hanlin.backends.torch.generate import KVCache, prefill
+
+        device = next(self.model.parameters()).device
+        P = min(min(len(c) for c in contexts) - 1, *(_common_prefix(contexts[0], c) for c in contexts[1:])) if len(contexts) > 1 else 0
+        if P < PREFIX_MIN:
+            P = 0
+        B, S = len(contexts), max(len(c) for c in contexts) - P
+        tokens = torch.tensor([c[P:] + [0] * (S - len(c) + P) for c in contexts], device=device)  # (B, S) right-padded suffixes
+        last = torch.tensor([len(c) - P - 1 for c in contexts], device=device)  # (B,)
+        if P == 0:
+            logits = self.model(tokens, logits_at=last)[:, 0]  # (B, V)
+        else:
+            cache = KVCache(self.model, B, P + S, self.dtype, device)
+            one = KVCache(self.model, 1, P, self.dtype, device)
+            prefill(self.model, one, torch.tensor([contexts[0][:P]], device=device), 0)  # the shared prefix, once
+            for (k, v), (k1, v1) in zip(cache.layers, one.layers):
+                k[:, :, :P] = k1
+                v[:, :, :P] = v1
+            positions = torch.arange(P, P + S, device=device).expand(B, S)
+            mask = (torch.arange(P + S, device=device)[None, :] <= positions[0][:, None])[None, None]  # (1, 1, S, P+S)
+            logits = self.model(tokens, positions, mask, cache.layers, torch.arange(P, P + S, device=device), P + S, logits_at=last)[:, 0]
+        return list(torch.log_softmax(logits.double(), dim=-1).cpu().numpy())
+
     def score_tokens(self, ids: Sequence[int]) -> TokenScores:
         import torch
 
@@ -165,6 +246,17 @@ class TorchEngine(TokenizerMethods):
     def close(self) -> None:
         self.model = None
         self._cache = None
+
+
+PREFIX_MIN = 32  # tokens a group of contexts must share before next_logprobs runs the prefix once
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
 
 
 def load_parts(path: str, device: Device, dtype: Any) -> tuple[Any, Any, dict[str, Any]]:

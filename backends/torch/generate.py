@@ -15,7 +15,7 @@ Stop handling is not here: the engine passes raw tokens through base.apply_stops
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -175,8 +175,10 @@ def generate_one(model: Transformer, cache: KVCache, prompt: Sequence[int], conf
 
 
 @torch.inference_mode()
-def generate_batch(model: Transformer, prompts: Sequence[Sequence[int]], config: GenerationConfig, max_new: int, eos_ids: frozenset[int] = frozenset()) -> list[list[int]]:
-    """Decode several prompts of different lengths together; each stops at EOS or max_new.
+def generate_batch(model: Transformer, prompts: Sequence[Sequence[int]], config: GenerationConfig, max_new: int,
+                   eos_ids: frozenset[int] = frozenset(), stop_when: Callable[[list[int]], bool] | None = None) -> list[list[int]]:  # fmt: skip
+    """Decode several prompts of different lengths together; each stops at EOS, at max_new, or
+    when stop_when(its tokens so far) says so (a stop string, checked by the caller).
 
     Prompts are left-padded to the longest; position ids start at 0 for every sequence's first
     real token, and the mask hides padding slots from every query.
@@ -204,6 +206,10 @@ def generate_batch(model: Transformer, prompts: Sequence[Sequence[int]], config:
             if not finished:
                 seq.append(tok)
         done |= torch.isin(ids, eos)
+        if stop_when is not None:
+            for b, seq in enumerate(out):
+                if not done[b] and stop_when(seq):
+                    done[b] = True
         if bool(done.all()) or step + 1 >= max_new:
             break
         pos = L + step

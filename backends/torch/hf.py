@@ -153,6 +153,23 @@ class HFEngine:
             target = torch.tensor(ids[1:], device=logits.device)
             return TokenScores(lps.gather(1, target[:, None])[:, 0].tolist(), logits.argmax(-1).tolist())
 
+    def next_logprobs(self, contexts: Sequence[Sequence[int]]) -> list[Any]:
+        """float64 numpy (V,) per context: log p(next token | context); several contexts in one
+        left-padded forward (attention mask, position ids counted from each row's first real
+        token) with logits kept for the last position only (a (B, L, V) tensor would not fit)."""
+        import torch
+
+        for c in contexts:
+            check_scorable(len(c), self.context_length)
+        L = max(len(c) for c in contexts)
+        device = self.model.device
+        tokens = torch.tensor([[0] * (L - len(c)) + list(c) for c in contexts], device=device)  # (B, L)
+        mask = torch.tensor([[0] * (L - len(c)) + [1] * len(c) for c in contexts], device=device)  # (B, L)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, L)
+        with torch.inference_mode():
+            logits = self.model(tokens, attention_mask=mask, position_ids=positions, logits_to_keep=1).logits[:, -1]  # (B, V)
+            return list(torch.log_softmax(logits.double(), dim=-1).cpu().numpy())
+
     def close(self) -> None:
         self.model = None
 
