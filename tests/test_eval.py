@@ -11,7 +11,7 @@ import pytest
 
 import hanlin
 from hanlin.backends.base import ConfigError, HanlinError
-from hanlin.evaluate import Harness, builtin_tasks, evaluate, load_spec, open_model
+from hanlin.evaluate import builtin_tasks, evaluate, load_spec, open_model
 from hanlin.evaluate.cache import AnswerCache
 from hanlin.evaluate.data import DataMissing, Prompter, default_data_dir, read_rows, resolve_files
 from hanlin.evaluate.models import NoLogLikelihood
@@ -123,8 +123,12 @@ def test_cache_refuses_another_model_s_folder(tmp_path):
 
 
 def test_missing_dataset_names_the_file(tmp_path, native):
-    with pytest.raises(DataMissing, match=r"task gsm8k expects gsm8k/test.jsonl in .*empty"):
-        evaluate(native, ["gsm8k"], data_dir=str(tmp_path / "empty") if (tmp_path / "empty").mkdir() is None else "", limit=1)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataMissing, match=r"task gsm8k expects gsm8k/test.jsonl in .*empty \(looked for .*empty/gsm8k/test.jsonl\)"):
+        evaluate(native, ["gsm8k"], data_dir=str(empty), limit=1)
+    with pytest.raises(ConfigError, match="is not a directory"):
+        evaluate(native, ["gsm8k"], data_dir=str(tmp_path / "nowhere"), limit=1)
 
 
 def test_malformed_rows_are_reported_and_the_run_goes_on(tmp_path, native):
@@ -310,3 +314,28 @@ def test_cli_eval_reports_and_compare(tmp_path):
     assert r.returncode == 2 and "unknown task 'gsm9k'" in r.stderr
     r = run_cli("eval", "compare", a, str(tmp_path))
     assert r.returncode == 2 and "no results.json there" in r.stderr
+
+
+def test_shared_prefix_batches_equal_one_by_one(native):
+    """The native engine runs a few-shot prefix once for a batch (next_logprobs and the batched
+    greedy decode): the answers equal those of each prompt run alone."""
+    import numpy as np
+
+    from hanlin.backends.base import GenerationConfig
+    from hanlin.backends.torch.generate import shared_prefix
+    from hanlin.evaluate.models import GREEDY
+
+    spec = load_spec("gsm8k")
+    p = Prompter(spec, DATA)
+    rows, _ = read_rows(resolve_files(DATA, "gsm8k/test.jsonl", "gsm8k"), spec.data["fields"])
+    ids = [native.encode(p.context(r)) for r in rows[:4]]
+    assert shared_prefix(ids) > 500  # the five examples
+    eng = native.engine
+    together = eng.next_logprobs(ids)
+    for c, row in zip(ids, together):
+        alone = eng._next_logprobs_group([c])[0]
+        assert float(np.abs(alone - row).max()) < 1e-3 and alone.argmax() == row.argmax()
+    config = GenerationConfig(max_tokens=48, stop=("Question:",), **GREEDY)
+    batched = eng.generate_text_batch(ids, config)
+    alone = [native.llm.generate_ids(c, config=config).text for c in ids]
+    assert batched == alone

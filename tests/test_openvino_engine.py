@@ -330,3 +330,22 @@ def test_interrupted_export_leaves_nothing(f16_gguf, default_model_path, tmp_pat
         export_openvino(f16_gguf, str(out), quant="int8", tokenizer_from=default_model_path)
     assert os.listdir(tmp_path) == []  # no OUT, no temporary folder
     assert os.listdir(os.path.dirname(f16_gguf)) == ["f16.gguf"]
+
+
+def test_hanlin_eval_runs_on_the_openvino_engine_as_on_torch(f32_llm, torch_ref, tmp_path):
+    """`hanlin eval` on an OpenVINO folder (float32 precision): the same CMMLU log-likelihoods
+    and WikiText-2 perplexity as the native engine."""
+    from hanlin.evaluate import default_data_dir, evaluate, open_model
+
+    if default_data_dir() is None:
+        pytest.skip("../shared/datasets is not here")
+    spec = tmp_path / "cmmlu_agronomy.toml"
+    spec.write_text('base = "cmmlu"\nname = "cmmlu_agronomy"\n[data]\npath = "cmmlu/test/agronomy.csv"\n')
+    runs, lls = {}, {}
+    for name, llm in (("openvino", f32_llm), ("torch", torch_ref)):
+        runs[name] = evaluate(open_model(llm), [str(spec), "wikitext"], limit=2, out_dir=str(tmp_path / name))
+        lls[name] = [json.loads(x)["loglikelihoods"] for x in open(tmp_path / name / "samples" / "cmmlu_agronomy.jsonl")]
+    assert runs["openvino"]["model"]["engine"] == "openvino" and len(lls["openvino"]) == 2
+    assert max(abs(a - b) for r, s in zip(lls["openvino"], lls["torch"]) for a, b in zip(r, s)) < 2e-3
+    p = {k: r["tasks"][1]["metrics"]["perplexity"] for k, r in runs.items()}
+    assert abs(p["openvino"] - p["torch"]) / p["torch"] < 1e-3

@@ -206,6 +206,34 @@ def main() -> None:
     report["gsm8k_prompt_mismatches"] = sum(a != gp.context(r) for a, r in zip(le_gsm_prompts, grows[: args.gsm8k_limit]))
     report["hanlin_cmmlu_samples"] = n_hanlin
 
+    # answer by answer: the chosen option and its log-likelihoods (CMMLU), the generated text
+    # and what each extractor took from it (GSM8K)
+    hs = [json.loads(x) for x in open(os.path.join(out, "hanlin-hf-cmmlu", "samples", "cmmlu.jsonl"), encoding="utf-8")]
+    by_subject: dict[str, list[dict]] = {}
+    for x in hs:
+        by_subject.setdefault(x["where"].split(".csv:")[0], []).append(x)
+    same_pred, max_ll_diff = 0, 0.0
+    for t in cm_tasks:
+        mine = by_subject[t[len("local_cmmlu_"):]]
+        for le in sorted(le_cm_samples[t], key=lambda z: z["doc_id"]):
+            lls = [float(r[0]) for r in le["filtered_resps"]]
+            h = mine[le["doc_id"]]
+            same_pred += max(range(len(lls)), key=lls.__getitem__) == h["pred"]
+            max_ll_diff = max(max_ll_diff, max(abs(a - b) for a, b in zip(lls, h["loglikelihoods"])))
+    report["cmmlu_same_answer"] = same_pred
+    report["cmmlu_max_loglikelihood_diff"] = float(f"{max_ll_diff:.3g}")
+    hg = [json.loads(x) for x in open(os.path.join(out, "hanlin-hf-gsm8k", "samples", "gsm8k.jsonl"), encoding="utf-8")]
+    same_text = {"flexible-extract": 0, "strict-match": 0}
+    same_extracted = dict(same_text)
+    for le in le_gsm_samples[gsm_task]:
+        f = le.get("filter")
+        if f not in same_text:
+            continue
+        h = hg[le["doc_id"]]
+        same_text[f] += le["resps"][0][0] == h["response"]
+        same_extracted[f] += str(le["filtered_resps"][0]).strip() == h["extracted"]["flexible" if f == "flexible-extract" else "strict"].strip()
+    report["gsm8k_same_response"] = same_text["flexible-extract"]
+    report["gsm8k_same_extracted"] = {"flexible": same_extracted["flexible-extract"], "strict": same_extracted["strict-match"]}
     le_flex = 100 * le_gsm[gsm_task]["exact_match,flexible-extract"]
     le_strict = 100 * le_gsm[gsm_task]["exact_match,strict-match"]
     report["cmmlu_acc"] = {"lm_eval": round(le_acc, 2), "hanlin_hf": h_cm["cmmlu"].metrics["acc"]}

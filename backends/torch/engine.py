@@ -166,6 +166,8 @@ class TorchEngine(TokenizerMethods):
         every question of a subject) have the prefix run once into a KV cache, and only their
         own suffixes run, together, after it; the rest run in one right-padded forward (causal
         attention never looks at the padding after a row's end)."""
+        from hanlin.backends.torch.generate import PREFIX_MIN, common_prefix
+
         for c in contexts:
             check_scorable(len(c), self.context_length)
         if not contexts:
@@ -174,7 +176,7 @@ class TorchEngine(TokenizerMethods):
         out: list[Any] = [None] * len(contexts)
         group = [order[0]]
         for i in order[1:] + [None]:
-            if i is not None and _common_prefix(contexts[group[0]], contexts[i]) >= PREFIX_MIN:
+            if i is not None and common_prefix(contexts[group[0]], contexts[i]) >= PREFIX_MIN:
                 group.append(i)
                 continue
             for g, r in zip(group, self._next_logprobs_group([list(contexts[g]) for g in group])):
@@ -191,12 +193,10 @@ class TorchEngine(TokenizerMethods):
     def _next_logprobs_run(self, contexts: list[list[int]]) -> list[Any]:
         import torch
 
-        from hanlin.backends.torch.generate import KVCache, prefill
+        from hanlin.backends.torch.generate import KVCache, prefill, shared_prefix
 
         device = next(self.model.parameters()).device
-        P = min(min(len(c) for c in contexts) - 1, *(_common_prefix(contexts[0], c) for c in contexts[1:])) if len(contexts) > 1 else 0
-        if P < PREFIX_MIN:
-            P = 0
+        P = shared_prefix(contexts) if len(contexts) > 1 else 0
         B, S = len(contexts), max(len(c) for c in contexts) - P
         tokens = torch.tensor([c[P:] + [0] * (S - len(c) + P) for c in contexts], device=device)  # (B, S) right-padded suffixes
         last = torch.tensor([len(c) - P - 1 for c in contexts], device=device)  # (B,)
@@ -246,17 +246,6 @@ class TorchEngine(TokenizerMethods):
     def close(self) -> None:
         self.model = None
         self._cache = None
-
-
-PREFIX_MIN = 32  # tokens a group of contexts must share before next_logprobs runs the prefix once
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 def load_parts(path: str, device: Device, dtype: Any) -> tuple[Any, Any, dict[str, Any]]:

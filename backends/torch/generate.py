@@ -174,27 +174,57 @@ def generate_one(model: Transformer, cache: KVCache, prompt: Sequence[int], conf
         history = torch.cat([history, ids[:, None]], dim=1)[:, -PENALTY_LAST_N:]
 
 
+PREFIX_MIN = 32  # tokens a batch of prompts must share before the prefix is run once
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def shared_prefix(seqs: Sequence[Sequence[int]]) -> int:
+    """Length of the prefix all seqs share, leaving each at least one token of its own; 0 when
+    it is shorter than PREFIX_MIN (not worth a separate pass)."""
+    n = min([len(s) - 1 for s in seqs] + [common_prefix(seqs[0], s) for s in seqs[1:]])
+    return n if n >= PREFIX_MIN else 0
+
+
 @torch.inference_mode()
 def generate_batch(model: Transformer, prompts: Sequence[Sequence[int]], config: GenerationConfig, max_new: int,
                    eos_ids: frozenset[int] = frozenset(), stop_when: Callable[[list[int]], bool] | None = None) -> list[list[int]]:  # fmt: skip
     """Decode several prompts of different lengths together; each stops at EOS, at max_new, or
     when stop_when(its tokens so far) says so (a stop string, checked by the caller).
 
-    Prompts are left-padded to the longest; position ids start at 0 for every sequence's first
-    real token, and the mask hides padding slots from every query.
+    Layout of a row: [shared prefix | padding | the prompt's own suffix]. Prompts that share a
+    prefix of at least PREFIX_MIN tokens (a few-shot prompt) have it run once, in one row, and
+    copied to every row's cache; the suffixes are left-padded to the longest, position ids
+    count real tokens only, and the mask hides padding slots from every query. Without a
+    shared prefix it is plain left padding.
     """
     device = next(model.parameters()).device
     B, L = len(prompts), max(len(p) for p in prompts)
+    P = shared_prefix(prompts) if B > 1 else 0
     pad = torch.tensor([L - len(p) for p in prompts], device=device)  # (B,)
-    tokens = torch.tensor([[0] * (L - len(p)) + list(p) for p in prompts], device=device)  # (B, L)
+    tokens = torch.tensor([list(p[:P]) + [0] * (L - len(p)) + list(p[P:]) for p in prompts], device=device)  # (B, L)
     slots = torch.arange(L + max_new, device=device)
-    real = slots[None, :] >= pad[:, None]  # (B, S): which slots hold real tokens
-    positions = (torch.arange(L, device=device)[None, :] - pad[:, None]).clamp(min=0)  # (B, L)
-    causal = slots[None, :L, None] >= slots[None, None, :L]  # (1, L, L) query i sees keys j <= i
-    diag = torch.eye(L, dtype=torch.bool, device=device)[None]  # padding rows see themselves (no empty rows)
-    mask = ((causal & real[:, None, :L]) | diag)[:, None]  # (B, 1, L, L)
-    cache = KVCache(model, B, L + max_new, next(model.parameters()).dtype, device)
-    logits = prefill(model, cache, tokens, 0, mask=mask, positions=positions)
+    real = (slots[None, :] < P) | (slots[None, :] >= P + pad[:, None])  # (B, S): which slots hold real tokens
+    positions = torch.where(slots[None, :L] < P, slots[None, :L], slots[None, :L] - pad[:, None]).clamp(min=0)  # (B, L)
+    q = slots[P:L]  # the query slots prefilled together
+    causal = q[None, :, None] >= slots[None, None, :L]  # (1, L-P, L) query i sees keys j <= i
+    diag = q[None, :, None] == slots[None, None, :L]  # padding rows see themselves (no empty rows)
+    mask = ((causal & real[:, None, :L]) | diag)[:, None]  # (B, 1, L-P, L)
+    dtype = next(model.parameters()).dtype
+    cache = KVCache(model, B, L + max_new, dtype, device)
+    if P:
+        one = KVCache(model, 1, P, dtype, device)
+        prefill(model, one, tokens[:1, :P], 0)  # the shared prefix, once
+        for (k, v), (k1, v1) in zip(cache.layers, one.layers):
+            k[:, :, :P] = k1
+            v[:, :, :P] = v1
+    logits = prefill(model, cache, tokens[:, P:], P, mask=mask, positions=positions[:, P:])
     gen = make_generator(config.seed, device)
     history = tokens[:, -PENALTY_LAST_N:]
     out: list[list[int]] = [[] for _ in range(B)]

@@ -194,10 +194,11 @@ def mode_generate(spec: TaskSpec, h: Harness) -> TaskResult:
     samples, hits = [], {e.name: 0 for e in ex}
     for row, prompt, out in zip(rows, prompts, outs):
         ref = norm(render(spec.score["reference"], row))
-        s = {"where": row["_where"], "reference": ref, "response": out, "extracted": {}}
+        s = {"where": row["_where"], "reference": ref, "response": out, "extracted": {}, "normalized": {}}
         for e in ex:
-            got = norm(e(out))
-            s["extracted"][e.name] = got
+            raw = e(out)
+            got = s["normalized"][e.name] = norm(raw)
+            s["extracted"][e.name] = raw
             hits[e.name] += got == ref
         samples.append(s)
     n = len(rows)
