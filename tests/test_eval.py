@@ -167,23 +167,23 @@ def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, native):
     out = str(tmp_path / "run")
     m = Counting(native)
 
-    def stop_after_two(task, done, total):
-        if done >= 2 and done < total:
+    def stop_after_first_call(task, done, total):  # answers are stored per call of 4 x batch_size
+        if 0 < done < total:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        evaluate(m, ["gsm8k"], out_dir=out, limit=4, batch_size=1, progress=stop_after_two)
-    assert m.asked == 2
-    res = evaluate(m, ["gsm8k"], out_dir=out, limit=4, batch_size=1)
-    assert m.asked == 4  # only the two it had not answered
-    assert res["tasks"][0]["cached"] == 2 and res["tasks"][0]["n"] == 4
-    again = evaluate(m, ["gsm8k"], out_dir=out, limit=4, batch_size=1)
-    assert m.asked == 4 and again["tasks"][0]["metrics"] == res["tasks"][0]["metrics"]
-    fresh = evaluate(native, ["gsm8k"], out_dir=str(tmp_path / "fresh"), limit=4, batch_size=4)  # batched decode, no cache
+        evaluate(m, ["gsm8k"], out_dir=out, limit=6, batch_size=1, progress=stop_after_first_call)
+    assert m.asked == 4
+    res = evaluate(m, ["gsm8k"], out_dir=out, limit=6, batch_size=1)
+    assert m.asked == 6  # only the two it had not answered
+    assert res["tasks"][0]["cached"] == 4 and res["tasks"][0]["n"] == 6
+    again = evaluate(m, ["gsm8k"], out_dir=out, limit=6, batch_size=1)
+    assert m.asked == 6 and again["tasks"][0]["metrics"] == res["tasks"][0]["metrics"]
+    fresh = evaluate(native, ["gsm8k"], out_dir=str(tmp_path / "fresh"), limit=6, batch_size=4)  # 4 decoding at once, no cache
     same = [json.loads(x)["response"] for x in open(os.path.join(out, "samples", "gsm8k.jsonl"), encoding="utf-8")]
     other = [json.loads(x)["response"] for x in open(tmp_path / "fresh" / "samples" / "gsm8k.jsonl", encoding="utf-8")]
-    assert len(same) == 4 and sum(a == b for a, b in zip(same, other)) >= 3  # batched greedy decode matches one-by-one (padding may flip a rare tie)
-    assert fresh["tasks"][0]["metrics"].keys() == {"exact_match,strict", "exact_match,flexible"}
+    assert len(same) == 6 and same == other
+    assert fresh["tasks"][0]["metrics"] == res["tasks"][0]["metrics"]
 
 
 # ---- scoring modes on the real model --------------------------------------------------
@@ -339,3 +339,16 @@ def test_shared_prefix_batches_equal_one_by_one(native):
     batched = eng.generate_text_batch(ids, config)
     alone = [native.llm.generate_ids(c, config=config).text for c in ids]
     assert batched == alone
+
+
+def test_chat_template_on_wraps_each_prompt_as_a_user_turn(tmp_path, native):
+    chat = open_model(native.llm, chat_template=True)
+    text = chat.prompt_text("Question: 2+2?\nAnswer:")
+    assert text == native.llm.render([{"role": "user", "content": "Question: 2+2?\nAnswer:"}])
+    assert "<|im_start|>user\nQuestion: 2+2?" in text and text.endswith("<|im_start|>assistant\n")
+    assert chat.encode(text) == native.llm.chat_ids([{"role": "user", "content": "Question: 2+2?\nAnswer:"}])  # special tokens as such
+    out = str(tmp_path / "r")
+    res = evaluate(chat, ["gsm8k"], limit=1, out_dir=out)
+    assert res["model"]["chat_template"] is True and res["tasks"][0]["n"] == 1
+    with pytest.raises(ConfigError, match="holds the answers of another model or setting"):
+        evaluate(native, ["gsm8k"], limit=1, out_dir=out)  # the same folder without the template

@@ -251,8 +251,12 @@ def main() -> None:
         native = open_model(hanlin.load(default_gguf(), engine="torch", device="cpu", dtype="float32"), batch_size=args.batch_size)
         load_s = time.perf_counter() - t0
         t_cm, t_cm_s = run_hanlin(native, ["cmmlu"], args.data_dir, args.cmmlu_limit, subjects, args.batch_size, os.path.join(out, "hanlin-torch-cmmlu"))
+        t_gsm, t_gsm_s = run_hanlin(native, ["gsm8k"], args.data_dir, args.gsm8k_limit, subjects, args.batch_size, os.path.join(out, "hanlin-torch-gsm8k"))
         t_cm_s += load_s
         report["cmmlu_acc"]["hanlin_torch"] = t_cm["cmmlu"].metrics["acc"]
+        report["gsm8k_flexible"]["hanlin_torch"] = t_gsm["gsm8k"].metrics["exact_match,flexible"]
+        report["gsm8k_strict"]["hanlin_torch"] = t_gsm["gsm8k"].metrics["exact_match,strict"]
+        report["seconds"]["gsm8k"]["hanlin_torch"] = round(t_gsm_s, 1)
         report["seconds"]["cmmlu"]["hanlin_torch"] = round(t_cm_s, 1)
         report["seconds"]["cmmlu"]["speedup_torch_vs_lm_eval"] = round(le_cm_s / t_cm_s, 2)
         native.close()

@@ -33,6 +33,18 @@ class _RowCache:
         self.max_len = cache.max_len
 
 
+class Prefix:
+    """A prompt prefix run once (the few-shot examples many requests share): its tokens and its
+    keys and values, which admit_many copies into each new slot instead of recomputing them."""
+
+    @torch.inference_mode()
+    def __init__(self, model: Transformer, tokens: Sequence[int]):
+        param = next(model.parameters())
+        self.tokens = list(tokens)
+        self.cache = KVCache(model, 1, len(self.tokens), param.dtype, param.device)
+        prefill(model, self.cache, torch.tensor([self.tokens], device=param.device), 0)
+
+
 class SlotBatch:
     def __init__(self, model: Transformer, max_batch: int, max_len: int):
         param = next(model.parameters())
@@ -60,35 +72,44 @@ class SlotBatch:
         return slot, logits[0]
 
     @torch.inference_mode()
-    def admit_many(self, prompts: Sequence[Sequence[int]]) -> list[tuple[int, torch.Tensor]]:
+    def admit_many(self, prompts: Sequence[Sequence[int]], prefix: "Prefix | None" = None) -> list[tuple[int, torch.Tensor]]:
         """Prefill several prompts in one forward pass into the lowest free slots; returns
         (slot, next-token logits (V,)) per prompt, in order.
 
         The prompts are right-padded into a temporary cache (padding keys are masked out), then
         copied into their slots' rows: one pass over the weights for all of them, where admit()
         would take one pass each (measured on the 2-core CPU: 8 chat prompts of ~35 tokens,
-        0.30 s one by one, see tools/bench_serve.py)."""
+        0.30 s one by one, see tools/bench_serve.py). With a `prefix` that every prompt starts
+        with (a few-shot prompt), its keys and values are copied in and only the rest runs."""
         free = [i for i, busy in enumerate(self.busy) if not busy][: len(prompts)]
         if len(free) < len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(free)} free slots")
+        P = len(prefix.tokens) if prefix is not None else 0
         for p in prompts:
-            if len(p) == 0 or len(p) >= self.max_len:
-                raise ValueError(f"a prompt of {len(p)} tokens does not fit a slot of {self.max_len}")
-        n, L = len(prompts), max(len(p) for p in prompts)
-        lens = torch.tensor([len(p) for p in prompts], device=self.device)  # (n,)
-        tokens = torch.zeros(n, L, dtype=torch.long, device=self.device)  # (n, L), right-padded
+            if len(p) <= P or len(p) >= self.max_len:
+                raise ValueError(f"a prompt of {len(p)} tokens does not fit a slot of {self.max_len} (after a prefix of {P})")
+            if P and list(p[:P]) != prefix.tokens:
+                raise ValueError("a prompt does not start with the prefix it is admitted after")
+        n, L = len(prompts), max(len(p) for p in prompts) - P  # L: the longest suffix
+        lens = torch.tensor([len(p) - P for p in prompts], device=self.device)  # (n,) suffix lengths
+        tokens = torch.zeros(n, L, dtype=torch.long, device=self.device)  # (n, L), right-padded suffixes
         for i, p in enumerate(prompts):
-            tokens[i, : len(p)] = torch.tensor(list(p), device=self.device)
-        slots = torch.arange(L, device=self.device)
-        causal = slots[:, None] >= slots[None, :]  # (L, L) query i sees keys j <= i
-        real = slots[None, :] < lens[:, None]  # (n, L) keys that are prompt tokens
-        mask = (causal[None] & real[:, None, :])[:, None]  # (n, 1, L, L); key 0 is real for every row
-        tmp = KVCache(self.model, n, L, self.cache.layers[0][0].dtype, self.device)
-        logits = self.model(tokens, slots.expand(n, L), mask, tmp.layers, slots, L, logits_at=lens - 1)[:, 0]  # (n, V)
+            tokens[i, : len(p) - P] = torch.tensor(list(p[P:]), device=self.device)
+        slots = torch.arange(P + L, device=self.device)
+        q = slots[P:]  # the slots the suffixes are written to
+        causal = q[:, None] >= slots[None, :]  # (L, P+L) query i sees keys j <= i (the prefix included)
+        real = slots[None, :] < (P + lens)[:, None]  # (n, P+L) keys that are prompt tokens
+        mask = (causal[None] & real[:, None, :])[:, None]  # (n, 1, L, P+L); key 0 is real for every row
+        tmp = KVCache(self.model, n, P + L, self.cache.layers[0][0].dtype, self.device)
+        if P:
+            for (k, v), (pk, pv) in zip(tmp.layers, prefix.cache.layers):
+                k[:, :, :P] = pk
+                v[:, :, :P] = pv
+        logits = self.model(tokens, q.expand(n, L), mask, tmp.layers, q, P + L, logits_at=lens - 1)[:, 0]  # (n, V)
         rows = torch.tensor(free, device=self.device)
         for (k, v), (tk, tv) in zip(self.cache.layers, tmp.layers):
-            k[:, :, :L].index_copy_(0, rows, tk)  # padding copied too: masked, and overwritten as the row grows
-            v[:, :, :L].index_copy_(0, rows, tv)
+            k[:, :, : P + L].index_copy_(0, rows, tk)  # padding copied too: masked, and overwritten as the row grows
+            v[:, :, : P + L].index_copy_(0, rows, tv)
         for slot, p in zip(free, prompts):
             self.busy[slot], self.lengths[slot] = True, len(p)
         return [(slot, logits[i]) for i, slot in enumerate(free)]

@@ -133,29 +133,72 @@ class TorchEngine(TokenizerMethods):
         max_new = min(config.max_tokens or self.context_length, self.context_length - longest)
         return generate_batch(self.model, prompts, config, max_new, self.eos_token_ids if eos else frozenset())
 
-    def generate_text_batch(self, prompts: Sequence[Sequence[int]], config: GenerationConfig) -> list[str]:
-        """Greedy or sampled text for several prompts decoded together (the evaluation
-        harness's generate requests): each row ends at EOS, max_tokens or its first stop
-        string, and its text is cut there as apply_stops would cut it."""
-        from hanlin.backends.torch.generate import generate_batch
+    def generate_text_batch(self, prompts: Sequence[Sequence[int]], config: GenerationConfig, *, max_batch: int = 8) -> list[str]:
+        """Text for many prompts by continuous batching (the evaluation harness's generate
+        requests): up to max_batch sequences decode together and a finished one hands its
+        slot to the next prompt at once, so one long answer does not hold the others back. A
+        prefix all prompts share (the few-shot examples) is run once and copied into each
+        slot. Each answer ends at EOS, max_tokens or its first stop string, and is cut there as
+        apply_stops would cut it."""
+        import torch
 
+        from hanlin.backends.torch.batching import Prefix, SlotBatch
+        from hanlin.backends.torch.generate import make_generator, sample, shared_prefix
+
+        prompts = [list(p) for p in prompts]
         longest = max(len(p) for p in prompts)
         check_prompt_fits(longest, self.context_length, config)
         max_new = min(config.max_tokens or self.context_length, self.context_length - longest)
-        stops = config.stop
+        P = shared_prefix(prompts) if len(prompts) > 1 else 0
+        stops, eos = config.stop, self.eos_token_ids
+        gen = make_generator(config.seed, next(self.model.parameters()).device)
+        with torch.inference_mode():
+            prefix = Prefix(self.model, prompts[0][:P]) if P else None
+            batch = SlotBatch(self.model, min(max_batch, len(prompts)), longest + max_new)
+            out: list[list[int]] = [[] for _ in prompts]
+            waiting = list(range(len(prompts)))
+            running: dict[int, int] = {}  # slot -> prompt index
 
-        def hit(seq: list[int]) -> bool:
-            return any(s in self.detokenize(seq[-64:]) for s in stops)
+            def take(slot: int, logits: Any) -> int | None:
+                """Sample the next token of the sequence in slot; None when it has ended."""
+                i = running[slot]
+                tok = int(sample(logits[None].float(), config, gen)[0][0])
+                out[i].append(tok)
+                text = self.detokenize(out[i][-64:]) if stops else ""
+                if tok in eos or len(out[i]) >= max_new or any(s in text for s in stops):
+                    batch.release(slot)
+                    del running[slot]
+                    return None
+                return tok
 
-        rows = generate_batch(self.model, prompts, config, max_new, self.eos_token_ids, hit if stops else None)
-        out = []
-        for seq in rows:
-            if seq and seq[-1] in self.eos_token_ids:
+            feed: dict[int, int] = {}
+            while waiting or running:
+                free = batch.free_slots()
+                if free and waiting:
+                    new, waiting = waiting[:free], waiting[free:]
+                    admitted = batch.admit_many([prompts[i] for i in new], prefix)
+                    for (slot, logits), i in zip(admitted, new):
+                        running[slot] = i
+                        tok = take(slot, logits)
+                        if tok is not None:
+                            feed[slot] = tok
+                if not running:
+                    continue
+                # a step runs rows [0, highest busy slot]: every busy slot feeds its last token
+                logits = batch.step({slot: feed[slot] for slot in running})
+                feed = {}
+                for slot, row in logits.items():
+                    tok = take(slot, row)
+                    if tok is not None:
+                        feed[slot] = tok
+        texts = []
+        for seq in out:
+            if seq and seq[-1] in eos:
                 seq = seq[:-1]
             text = self.detokenize(seq)
             cuts = [i for i in (text.find(s) for s in stops) if i != -1]
-            out.append(text[: min(cuts)] if cuts else text)
-        return out
+            texts.append(text[: min(cuts)] if cuts else text)
+        return texts
 
     shares_prefixes: ClassVar[bool] = True  # next_logprobs runs a prefix shared by many contexts once
 

@@ -15,7 +15,7 @@ Stop handling is not here: the engine passes raw tokens through base.apply_stops
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 
@@ -193,38 +193,24 @@ def shared_prefix(seqs: Sequence[Sequence[int]]) -> int:
 
 
 @torch.inference_mode()
-def generate_batch(model: Transformer, prompts: Sequence[Sequence[int]], config: GenerationConfig, max_new: int,
-                   eos_ids: frozenset[int] = frozenset(), stop_when: Callable[[list[int]], bool] | None = None) -> list[list[int]]:  # fmt: skip
-    """Decode several prompts of different lengths together; each stops at EOS, at max_new, or
-    when stop_when(its tokens so far) says so (a stop string, checked by the caller).
+def generate_batch(model: Transformer, prompts: Sequence[Sequence[int]], config: GenerationConfig, max_new: int, eos_ids: frozenset[int] = frozenset()) -> list[list[int]]:
+    """Decode several prompts of different lengths together; each stops at EOS or max_new.
 
-    Layout of a row: [shared prefix | padding | the prompt's own suffix]. Prompts that share a
-    prefix of at least PREFIX_MIN tokens (a few-shot prompt) have it run once, in one row, and
-    copied to every row's cache; the suffixes are left-padded to the longest, position ids
-    count real tokens only, and the mask hides padding slots from every query. Without a
-    shared prefix it is plain left padding.
+    Prompts are left-padded to the longest; position ids start at 0 for every sequence's first
+    real token, and the mask hides padding slots from every query.
     """
     device = next(model.parameters()).device
     B, L = len(prompts), max(len(p) for p in prompts)
-    P = shared_prefix(prompts) if B > 1 else 0
     pad = torch.tensor([L - len(p) for p in prompts], device=device)  # (B,)
-    tokens = torch.tensor([list(p[:P]) + [0] * (L - len(p)) + list(p[P:]) for p in prompts], device=device)  # (B, L)
+    tokens = torch.tensor([[0] * (L - len(p)) + list(p) for p in prompts], device=device)  # (B, L)
     slots = torch.arange(L + max_new, device=device)
-    real = (slots[None, :] < P) | (slots[None, :] >= P + pad[:, None])  # (B, S): which slots hold real tokens
-    positions = torch.where(slots[None, :L] < P, slots[None, :L], slots[None, :L] - pad[:, None]).clamp(min=0)  # (B, L)
-    q = slots[P:L]  # the query slots prefilled together
-    causal = q[None, :, None] >= slots[None, None, :L]  # (1, L-P, L) query i sees keys j <= i
-    diag = q[None, :, None] == slots[None, None, :L]  # padding rows see themselves (no empty rows)
-    mask = ((causal & real[:, None, :L]) | diag)[:, None]  # (B, 1, L-P, L)
-    dtype = next(model.parameters()).dtype
-    cache = KVCache(model, B, L + max_new, dtype, device)
-    if P:
-        one = KVCache(model, 1, P, dtype, device)
-        prefill(model, one, tokens[:1, :P], 0)  # the shared prefix, once
-        for (k, v), (k1, v1) in zip(cache.layers, one.layers):
-            k[:, :, :P] = k1
-            v[:, :, :P] = v1
-    logits = prefill(model, cache, tokens[:, P:], P, mask=mask, positions=positions[:, P:])
+    real = slots[None, :] >= pad[:, None]  # (B, S): which slots hold real tokens
+    positions = (torch.arange(L, device=device)[None, :] - pad[:, None]).clamp(min=0)  # (B, L)
+    causal = slots[None, :L, None] >= slots[None, None, :L]  # (1, L, L) query i sees keys j <= i
+    diag = torch.eye(L, dtype=torch.bool, device=device)[None]  # padding rows see themselves (no empty rows)
+    mask = ((causal & real[:, None, :L]) | diag)[:, None]  # (B, 1, L, L)
+    cache = KVCache(model, B, L + max_new, next(model.parameters()).dtype, device)
+    logits = prefill(model, cache, tokens, 0, mask=mask, positions=positions)
     gen = make_generator(config.seed, device)
     history = tokens[:, -PENALTY_LAST_N:]
     out: list[list[int]] = [[] for _ in range(B)]
@@ -236,10 +222,6 @@ def generate_batch(model: Transformer, prompts: Sequence[Sequence[int]], config:
             if not finished:
                 seq.append(tok)
         done |= torch.isin(ids, eos)
-        if stop_when is not None:
-            for b, seq in enumerate(out):
-                if not done[b] and stop_when(seq):
-                    done[b] = True
         if bool(done.all()) or step + 1 >= max_new:
             break
         pos = L + step

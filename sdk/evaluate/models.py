@@ -95,7 +95,7 @@ class EngineModel:
         for start in range(0, len(contexts), max(1, step)):
             chunk = contexts[start : start + max(1, step)]
             for ctx, lps in zip(chunk, self._next_logprobs([list(c) for c in chunk])):
-                best = int(max(range(len(lps)), key=lps.__getitem__)) if not hasattr(lps, "argmax") else int(lps.argmax())
+                best = int(lps.argmax())
                 for i in groups[ctx]:
                     tok = pairs[i][1][0]
                     out[i] = (float(lps[tok]), tok == best)
@@ -108,10 +108,9 @@ class EngineModel:
         eng = self.engine
         if hasattr(eng, "next_logprobs"):
             return eng.next_logprobs(contexts)
-        if hasattr(eng, "logits"):
-            rows = [np.asarray(eng.logits(c)[-1], dtype=np.float64) for c in contexts]
-        else:  # score the context plus a dummy token: its row is the one after the context
-            raise NoLogLikelihood(f"engine {eng.name} has neither next_logprobs nor logits")
+        if not hasattr(eng, "logits"):
+            raise NoLogLikelihood(f"engine {eng.name} has neither next_logprobs nor logits: use a generation-mode task (e.g. cmmlu_gen)")
+        rows = [np.asarray(eng.logits(c)[-1], dtype=np.float64) for c in contexts]  # (T, V) per context; the last row is next
         out = []
         for r in rows:
             m = r.max()
@@ -124,7 +123,7 @@ class EngineModel:
         room = self.context_length - max_tokens
         ids = [x[-room:] if len(x) > room else x for x in ids]  # keep the question, drop the oldest shots
         if hasattr(self.engine, "generate_text_batch") and len(ids) > 1:
-            return self.engine.generate_text_batch(ids, config)
+            return self.engine.generate_text_batch(ids, config, max_batch=self.batch_size)
         return [self.llm.generate_ids(x, config=config).text for x in ids]
 
     def perplexity(self, text: str, ctx: int, limit: int | None = None):
