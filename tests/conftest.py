@@ -62,3 +62,25 @@ def run_cli(*args: str, input: str | None = None, env: dict | None = None, timeo
         timeout=timeout,
         cwd=ROOT,
     )
+
+
+def eval_against_torch(llm, torch_llm, tmp_path) -> tuple[float, float]:
+    """`hanlin eval` of one CMMLU subject (2 questions) and WikiText-2 (2 chunks) on llm and on
+    the native engine: (largest log-likelihood difference over every option, relative
+    perplexity difference). Skips where ../shared/datasets is missing."""
+    import json
+
+    from hanlin.evaluate import default_data_dir, evaluate, open_model
+
+    if default_data_dir() is None:
+        pytest.skip("../shared/datasets is not here")
+    spec = tmp_path / "cmmlu_agronomy.toml"
+    spec.write_text('base = "cmmlu"\nname = "cmmlu_agronomy"\n[data]\npath = "cmmlu/test/agronomy.csv"\n')
+    ppl, lls = [], []
+    for name, model in (("engine", llm), ("torch", torch_llm)):
+        run = evaluate(open_model(model), [str(spec), "wikitext"], limit=2, out_dir=str(tmp_path / name))
+        assert run["model"]["engine"] == model.engine.name and run["tasks"][0]["n"] == 2
+        ppl.append(run["tasks"][1]["metrics"]["perplexity"])
+        lls.append([json.loads(x)["loglikelihoods"] for x in open(tmp_path / name / "samples" / "cmmlu_agronomy.jsonl")])
+    diff = max(abs(a - b) for r, s in zip(*lls) for a, b in zip(r, s))
+    return diff, abs(ppl[0] - ppl[1]) / ppl[1]

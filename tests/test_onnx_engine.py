@@ -19,7 +19,7 @@ ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 import hanlin  # noqa: E402
-from conftest import run_cli  # noqa: E402
+from conftest import eval_against_torch, run_cli  # noqa: E402
 from hanlin.backends.base import ConfigError, GenerationConfig, ModelError  # noqa: E402
 from hanlin.backends.cpu.onnx_engine import OnnxEngine  # noqa: E402
 from hanlin.backends.cpu.onnx_export import (  # noqa: E402
@@ -344,17 +344,7 @@ def test_the_server_runs_the_onnx_folder_unchanged(fp32_folder):
 def test_hanlin_eval_runs_on_the_onnx_engine_as_on_torch(onnx_llm, torch_llm, tmp_path):
     """`hanlin eval` on an ONNX folder: the same CMMLU log-likelihoods and WikiText-2
     perplexity as the native engine (both float32)."""
-    from hanlin.evaluate import default_data_dir, evaluate, open_model
-
-    if default_data_dir() is None:
-        pytest.skip("../shared/datasets is not here")
-    spec = tmp_path / "cmmlu_agronomy.toml"
-    spec.write_text('base = "cmmlu"\nname = "cmmlu_agronomy"\n[data]\npath = "cmmlu/test/agronomy.csv"\n')
-    runs, lls = {}, {}
-    for name, llm in (("onnx", onnx_llm), ("torch", torch_llm)):
-        runs[name] = evaluate(open_model(llm), [str(spec), "wikitext"], limit=2, out_dir=str(tmp_path / name))
-        lls[name] = [json.loads(x)["loglikelihoods"] for x in open(tmp_path / name / "samples" / "cmmlu_agronomy.jsonl")]
-    assert runs["onnx"]["model"]["engine"] == "onnx" and len(lls["onnx"]) == 2
-    assert max(abs(a - b) for r, s in zip(lls["onnx"], lls["torch"]) for a, b in zip(r, s)) < 2e-3
-    p = {k: r["tasks"][1]["metrics"]["perplexity"] for k, r in runs.items()}
-    assert abs(p["onnx"] - p["torch"]) / p["torch"] < 1e-3
+    assert onnx_llm.engine.name == "onnx"
+    ll_diff, ppl_diff = eval_against_torch(onnx_llm, torch_llm, tmp_path)
+    assert ll_diff < 2e-3
+    assert ppl_diff < 1e-3

@@ -27,6 +27,7 @@ pytest.importorskip("openvino")
 pytest.importorskip("openvino_genai")
 
 import hanlin  # noqa: E402
+from conftest import eval_against_torch  # noqa: E402
 from hanlin.backends.base import ConfigError, GenerationConfig, ModelError, detect_format  # noqa: E402
 from hanlin.backends.cpu.openvino_engine import OpenVINOEngine  # noqa: E402
 from hanlin.backends.cpu.openvino_export import export_openvino  # noqa: E402
@@ -335,19 +336,9 @@ def test_interrupted_export_leaves_nothing(f16_gguf, default_model_path, tmp_pat
 def test_hanlin_eval_runs_on_the_openvino_engine_as_on_torch(f32_llm, torch_ref, tmp_path):
     """`hanlin eval` on an OpenVINO folder (float32 precision): the same CMMLU log-likelihoods
     and WikiText-2 perplexity as the native engine."""
-    from hanlin.evaluate import default_data_dir, evaluate, open_model
-
-    if default_data_dir() is None:
-        pytest.skip("../shared/datasets is not here")
-    spec = tmp_path / "cmmlu_agronomy.toml"
-    spec.write_text('base = "cmmlu"\nname = "cmmlu_agronomy"\n[data]\npath = "cmmlu/test/agronomy.csv"\n')
-    runs, lls = {}, {}
-    for name, llm in (("openvino", f32_llm), ("torch", torch_ref)):
-        runs[name] = evaluate(open_model(llm), [str(spec), "wikitext"], limit=2, out_dir=str(tmp_path / name))
-        lls[name] = [json.loads(x)["loglikelihoods"] for x in open(tmp_path / name / "samples" / "cmmlu_agronomy.jsonl")]
-    assert runs["openvino"]["model"]["engine"] == "openvino" and len(lls["openvino"]) == 2
+    assert f32_llm.engine.name == "openvino"
+    ll_diff, ppl_diff = eval_against_torch(f32_llm, torch_ref, tmp_path)
     # the folder is exported from an F16 GGUF: its weights are the Q4_1 values rounded to float16
     # (logits within 0.036 of torch's, test_f32_logits_match_torch_float32); measured here 0.0033
-    assert max(abs(a - b) for r, s in zip(lls["openvino"], lls["torch"]) for a, b in zip(r, s)) < 2e-2
-    p = {k: r["tasks"][1]["metrics"]["perplexity"] for k, r in runs.items()}
-    assert abs(p["openvino"] - p["torch"]) / p["torch"] < 2e-3
+    assert ll_diff < 2e-2
+    assert ppl_diff < 2e-3

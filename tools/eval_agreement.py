@@ -114,6 +114,12 @@ def lm_eval_tasks(tmp: str, data: str, subjects: list[str]) -> list[str]:
     return tasks + ["local_gsm8k"]
 
 
+def _context(sample: dict) -> str:
+    """The prompt lm-eval sent for a logged sample (a tuple of arguments, or the newer dict)."""
+    args = sample["arguments"]
+    return args[0][0] if isinstance(args, (list, tuple)) else args["gen_args_0"]["arg_0"]
+
+
 def run_lm_eval(folder: str, tmp: str, tasks: list[str], limit: int, batch_size: int) -> tuple[dict, dict, float]:
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -156,7 +162,8 @@ def main() -> None:
     out = args.out or tempfile.mkdtemp(prefix="hanlin-agree-")
     os.makedirs(out, exist_ok=True)
     import hanlin
-    from hanlin.evaluate import open_model
+    from hanlin.evaluate import load_spec, open_model
+    from hanlin.evaluate.data import Prompter, read_rows, resolve_files
 
     subjects = sorted(f[:-4] for f in os.listdir(os.path.join(args.data_dir, "cmmlu", "test")) if f.endswith(".csv"))[: args.cmmlu_subjects]
     folder = hf_folder(default_gguf(), out)
@@ -184,13 +191,10 @@ def main() -> None:
     want = {}
     for t in cm_tasks:
         for s in le_cm_samples[t]:
-            want[(t[len("local_cmmlu_"):], s["doc"]["Question"])] = s["arguments"][0][0] if isinstance(s["arguments"][0], (list, tuple)) else s["arguments"]["gen_args_0"]["arg_0"]
+            want[(t[len("local_cmmlu_"):], s["doc"]["Question"])] = _context(s)
     got = {}
-    with open(os.path.join(out, "hanlin-hf-cmmlu", "samples", "cmmlu.jsonl"), encoding="utf-8") as f:
-        n_hanlin = sum(1 for _ in f)
-    from hanlin.evaluate.data import Prompter, read_rows, resolve_files
 
-    spec = __import__("hanlin.evaluate", fromlist=["load_spec"]).load_spec("cmmlu")
+    spec = load_spec("cmmlu")
     p = Prompter(spec, args.data_dir)
     for s in subjects:
         rows, _ = read_rows(resolve_files(args.data_dir, f"cmmlu/test/{s}.csv", "cmmlu"), spec.data["fields"], "subject")
@@ -199,16 +203,16 @@ def main() -> None:
     for k, v in want.items():
         mismatch += got.get(k) != v
     report["cmmlu_prompt_mismatches"] = mismatch
-    le_gsm_prompts = [s["arguments"][0][0] if isinstance(s["arguments"][0], (list, tuple)) else s["arguments"]["gen_args_0"]["arg_0"] for s in le_gsm_samples[gsm_task]]
-    gspec = __import__("hanlin.evaluate", fromlist=["load_spec"]).load_spec("gsm8k")
+    le_gsm_prompts = [_context(s) for s in le_gsm_samples[gsm_task]]
+    gspec = load_spec("gsm8k")
     gp = Prompter(gspec, args.data_dir)
     grows, _ = read_rows(resolve_files(args.data_dir, "gsm8k/test.jsonl", "gsm8k"), gspec.data["fields"])
     report["gsm8k_prompt_mismatches"] = sum(a != gp.context(r) for a, r in zip(le_gsm_prompts, grows[: args.gsm8k_limit]))
-    report["hanlin_cmmlu_samples"] = n_hanlin
 
     # answer by answer: the chosen option and its log-likelihoods (CMMLU), the generated text
     # and what each extractor took from it (GSM8K)
     hs = [json.loads(x) for x in open(os.path.join(out, "hanlin-hf-cmmlu", "samples", "cmmlu.jsonl"), encoding="utf-8")]
+    report["hanlin_cmmlu_samples"] = len(hs)
     by_subject: dict[str, list[dict]] = {}
     for x in hs:
         by_subject.setdefault(x["where"].split(".csv:")[0], []).append(x)

@@ -228,34 +228,20 @@ class TorchEngine(TokenizerMethods):
         return out
 
     def _next_logprobs_group(self, contexts: list[list[int]]) -> list[Any]:
+        """One group: its shared prefix (if long enough) run once, then every context's own
+        tokens in one right-padded pass: SlotBatch.admit_many's prefill, whose logits at each
+        row's last token are the next-token logits."""
         import torch
 
-        with torch.inference_mode():
-            return self._next_logprobs_run(contexts)
+        from hanlin.backends.torch.batching import Prefix, SlotBatch
+        from hanlin.backends.torch.generate import shared_prefix
 
-    def _next_logprobs_run(self, contexts: list[list[int]]) -> list[Any]:
-        import torch
-
-        from hanlin.backends.torch.generate import KVCache, prefill, shared_prefix
-
-        device = next(self.model.parameters()).device
         P = shared_prefix(contexts) if len(contexts) > 1 else 0
-        B, S = len(contexts), max(len(c) for c in contexts) - P
-        tokens = torch.tensor([c[P:] + [0] * (S - len(c) + P) for c in contexts], device=device)  # (B, S) right-padded suffixes
-        last = torch.tensor([len(c) - P - 1 for c in contexts], device=device)  # (B,)
-        if P == 0:
-            logits = self.model(tokens, logits_at=last)[:, 0]  # (B, V)
-        else:
-            cache = KVCache(self.model, B, P + S, self.dtype, device)
-            one = KVCache(self.model, 1, P, self.dtype, device)
-            prefill(self.model, one, torch.tensor([contexts[0][:P]], device=device), 0)  # the shared prefix, once
-            for (k, v), (k1, v1) in zip(cache.layers, one.layers):
-                k[:, :, :P] = k1
-                v[:, :, :P] = v1
-            positions = torch.arange(P, P + S, device=device).expand(B, S)
-            mask = (torch.arange(P + S, device=device)[None, :] <= positions[0][:, None])[None, None]  # (1, 1, S, P+S)
-            logits = self.model(tokens, positions, mask, cache.layers, torch.arange(P, P + S, device=device), P + S, logits_at=last)[:, 0]
-        return list(torch.log_softmax(logits.double(), dim=-1).cpu().numpy())
+        with torch.inference_mode():
+            prefix = Prefix(self.model, contexts[0][:P]) if P else None
+            admitted = SlotBatch(self.model, len(contexts), max(len(c) for c in contexts) + 1).admit_many(contexts, prefix)
+            logits = torch.stack([row for _, row in admitted])  # (B, V), in order
+            return list(torch.log_softmax(logits.double(), dim=-1).cpu().numpy())
 
     def score_tokens(self, ids: Sequence[int]) -> TokenScores:
         import torch

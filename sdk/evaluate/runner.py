@@ -57,14 +57,13 @@ class Harness:
 
     # ---- the one path every model answer takes -----------------------------------------
 
-    def answers(self, task: str, kind: str, requests: Sequence[Any], compute: Callable[[list[Any]], list[Any]],
-                *, chunk: int, order: Callable[[Any], Any] | None = None) -> list[Any]:  # fmt: skip
+    def answers(self, task: str, kind: str, requests: Sequence[Any], compute: Callable[[list[Any]], list[Any]], *, chunk: int) -> list[Any]:
         """Answers to requests (JSON-able), from the cache where it has them; the rest are
-        computed `chunk` at a time (sorted by `order`, e.g. longest first) and stored per chunk."""
+        computed `chunk` at a time, in order (neighbours share few-shot prefixes), and stored
+        per chunk."""
         keys = [request_key(kind, self.model.identity, r) for r in requests]
         have = self.cache.get_many(keys)
-        todo = sorted({k: i for i, k in enumerate(keys) if k not in have}.values(),
-                      key=(lambda i: order(requests[i])) if order else None)  # fmt: skip
+        todo = sorted({k: i for i, k in enumerate(keys) if k not in have}.values())  # each missing request once
         total, done = len(set(keys)), len(set(keys)) - len(todo)
         self.progress(task, done, total)
         for s in range(0, len(todo), chunk):
