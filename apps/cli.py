@@ -7,6 +7,7 @@
     hanlin perplexity [--model M] [--engine E] [--ctx 512] FILE
     hanlin eval [--model M|URL] [--engine E] --tasks gsm8k,cmmlu,... [--limit N] [--shots K]
     hanlin eval compare RUN1 RUN2 ...
+    hanlin [tui]              the terminal app (what `hanlin` alone opens in a terminal)
 
 Errors a user can cause are printed as one clear sentence (exit code 2), never a traceback.
 The CLI holds no logic of its own: it parses flags and calls the SDK.
@@ -166,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--no-packing", action="store_true", help="one example per sequence, padded (default: packed)")
     ft.add_argument("--val-fraction", type=float, default=0.05, help="rows held out for validation loss (default: 0.05)")
     ft.add_argument("--save-every", type=int, default=0, help="optimizer steps between checkpoints (default: only at the end)")
-    ft.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    ft.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint (SIGTERM stops a run with one saved)")
     ft.add_argument("--stop-on-bad-row", action="store_true", help="stop at the first malformed row (default: report it with its line number and skip it)")
     ft.add_argument("--allocator", default=None, choices=["auto", "mimalloc", "glibc"],
                     help="CPU memory allocator (default: $HANLIN_ALLOCATOR or auto: mimalloc where cmeel-mimalloc is installed, "
@@ -201,6 +202,16 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("runs", nargs="+", help="run folders or results.json files")
     cmp_.add_argument("--json", action="store_true", dest="compare_json", help="print the comparison as JSON")
     ev.set_defaults(func=cmd_eval)
+
+    tu = sub.add_parser("tui", help="the terminal app (also what `hanlin` alone opens in a terminal)",
+                        description="Open the full-screen terminal app: pick a device and a model, then chat, fine-tune, evaluate or serve. "
+                        "Conversations are kept in $HANLIN_HOME/history.sqlite.")  # fmt: skip
+    tu.add_argument("--model", "-m", default=None, help="load this model at start (skips the device and model pickers with --device)")
+    tu.add_argument("--device", "-d", default=None, help="start on this device (cpu, cuda:0, npu:0, mps), skipping the device picker")
+    tu.add_argument("--engine", "-e", default="auto", help="engine for the model (auto, gguf, torch, ...)")
+    tu.add_argument("--history", default=None, help="the conversation database (default: $HANLIN_HOME/history.sqlite)")
+    tu.add_argument("--light", action="store_true", help="start in the light theme (Ctrl-T toggles)")
+    tu.set_defaults(func=cmd_tui)
 
     sv = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API",
                         description="Serve a model over an OpenAI-compatible API (FastAPI + uvicorn) on 127.0.0.1:8000 by default. "
@@ -244,20 +255,11 @@ def _version() -> str:
 
 
 def cmd_devices(args: argparse.Namespace) -> int:
-    from hanlin.backends.base import registered_engines
+    from hanlin.backends.base import engines_for
     from hanlin.devices import detect
 
     report = detect()
-    engines = registered_engines()
-    rows = []
-    for dev in report.devices:
-        runs = {}
-        for name, cls in sorted(engines.items()):
-            if dev.kind not in cls.capabilities.device_kinds:
-                runs[name] = f"does not run on {dev.kind}"
-            else:
-                runs[name] = cls.available(dev) or "ok"
-        rows.append((dev, runs))
+    rows = [(dev, engines_for(dev)) for dev in report.devices]
     if args.json:
         data = report.to_dict()
         for d, (_, runs) in zip(data["devices"], rows):
@@ -376,10 +378,40 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                             packing=not args.no_packing, val_fraction=args.val_fraction, save_every=args.save_every, seed=args.seed,
                             on_bad_row="stop" if args.stop_on_bad_row else "skip", dpo_beta=args.dpo_beta, dtype=args.dtype,
                             release_memory=not args.keep_freed_memory)  # fmt: skip
-    r = ft.train(cfg, resume=args.resume)
+    r = ft.train(cfg, resume=args.resume, should_stop=_stop_on_sigterm())
     print(f"run: {r.run_dir}\nsteps: {r.steps}  train loss: {r.train_loss}  validation loss: {r.val_loss}  peak memory: {r.peak_rss / 2**30:.2f} GiB")
-    print(f"chat with it: hanlin chat --model {r.run_dir}")
+    if r.stopped:
+        print(f"stopped at step {r.steps}; continue with the same command and --resume --out {r.run_dir}")
+    else:
+        print(f"chat with it: hanlin chat --model {r.run_dir}")
     return 0
+
+
+def _stop_on_sigterm():
+    """SIGTERM (the TUI's cancel, `kill PID`) asks the fine-tuner to stop after the current
+    step with a checkpoint saved; a second SIGTERM kills at once. Returns the should_stop test."""
+    import signal
+
+    asked = {"stop": False}
+
+    def on_term(signum, frame):
+        asked["stop"] = True
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        # os.write, not print: the handler may run while the main thread is inside a write to stderr
+        os.write(2, b"SIGTERM: stopping after the current step with a checkpoint saved (send it again to kill now)\n")
+
+    signal.signal(signal.SIGTERM, on_term)
+    return lambda: asked["stop"]
+
+
+def cmd_tui(args: argparse.Namespace) -> int:
+    try:
+        from hanlin.apps.tui import run
+    except ImportError as e:
+        raise _UsageError(f"the terminal app needs the tui extra ({e.name} is missing): pip install -c constraints.txt -e '.[tui]'") from None
+    if args.model and not args.device:
+        raise _UsageError("--model needs --device too (the model is loaded on the device you name); or pick both in the app")
+    return run(model=args.model, device=args.device, engine=args.engine, history=args.history, theme="textual-light" if args.light else "textual-dark")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -672,8 +704,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
-        parser.print_help()
-        return 0
+        if sys.stdin.isatty() and sys.stdout.isatty():  # a person at a terminal: open the app
+            args = parser.parse_args(["tui"])
+        else:
+            parser.print_help()
+            return 0
     from hanlin.backends.base import HanlinError
 
     try:

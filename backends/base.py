@@ -332,6 +332,18 @@ def registered_engines() -> dict[str, type]:
     return dict(_REGISTRY)
 
 
+def engines_for(device: Device) -> dict[str, str]:
+    """Every registered engine -> "ok" when it can run on device, else the reason it cannot
+    (what `hanlin devices` and the terminal app's device picker show)."""
+    runs = {}
+    for name, cls in sorted(registered_engines().items()):
+        if device.kind not in cls.capabilities.device_kinds:
+            runs[name] = f"does not run on {device.kind}"
+        else:
+            runs[name] = cls.available(device) or "ok"
+    return runs
+
+
 def get_engine(name: str) -> type:
     engines = registered_engines()
     if name not in engines:

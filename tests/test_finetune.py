@@ -102,6 +102,36 @@ def test_kill_9_then_resume_gives_the_same_loss_curve(tmp_path, default_model_pa
         assert abs(la - lb) <= 1e-5 * max(1.0, abs(la)), f"step {s}: uninterrupted {la} vs resumed {lb}"
 
 
+def test_sigterm_stops_cleanly_with_a_checkpoint_and_resume_finishes(tmp_path, default_model_path):
+    """The TUI's cancel: SIGTERM ends the current step, saves a checkpoint and exits 0."""
+    data = write_jsonl(tmp_path / "fact.jsonl", fact_rows())
+    run = tmp_path / "run"
+    common = ["finetune", "--model", default_model_path, "--data", data, "--out", str(run), "--seq-len", "64", "--micro-batch", "2",
+              "--max-steps", "12", "--val-fraction", "0", "--lr", "5e-4"]  # fmt: skip
+    proc = subprocess.Popen([*hanlin_command(), *common], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    deadline = time.time() + 120
+    while not ((run / "log.jsonl").is_file() and (run / "log.jsonl").read_text().strip()):
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.time() < deadline, "no step logged within 120 s"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-3000:]
+    rows = [json.loads(line) for line in open(run / "log.jsonl")]
+    step = rows[-1]["step"]
+    assert 1 <= step < 12 and all(r["total_steps"] == 12 for r in rows)
+    assert f"stopping: saving a checkpoint at step {step}" in err
+    assert f"stopped at step {step}" in out and "--resume" in out
+    assert (run / f"checkpoint-{step:07d}" / "state.pt").is_file() and not (run / "adapter").exists()
+    assert json.load(open(run / "hanlin_run.json"))["status"] == "stopped"
+
+    resumed = run_cli(*common, "--resume", timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from checkpoint-{step:07d}: step {step}/12" in resumed.stderr
+    assert [json.loads(line)["step"] for line in open(run / "log.jsonl")] == list(range(1, 13))
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+
+
 def test_dpo_raises_the_margin_on_held_out_pairs(tmp_path, default_model_path):
     from hanlin.finetune import FinetuneConfig, train
 

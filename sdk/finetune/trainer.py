@@ -56,6 +56,7 @@ class RunResult:
     peak_device: int | None = None  # bytes: torch's peak allocation on an accelerator
     bad_rows: int = 0
     plan_peak: int | None = None
+    stopped: bool = False  # should_stop asked it to stop: a checkpoint was saved, --resume continues
     allocator: str = ""  # the process's malloc: "mimalloc" (preloaded by `hanlin finetune`), "glibc", "system"
 
 
@@ -356,9 +357,11 @@ class Progress:
 
 
 def train(cfg: FinetuneConfig, *, resume: bool = False, log: Callable[[str], None] | None = None, progress: bool = True,
-          stop_after: int | None = None) -> RunResult:  # fmt: skip
+          stop_after: int | None = None, should_stop: Callable[[], bool] | None = None) -> RunResult:  # fmt: skip
     """Run (or, with resume, continue) one fine-tuning run; see the module docstring.
-    stop_after: return after this many optimizer steps of this process (tests; the run stays resumable)."""
+    stop_after: return after this many optimizer steps of this process (tests; the run stays resumable).
+    should_stop: asked before each optimizer step; True saves a checkpoint and returns with
+    result.stopped set (`hanlin finetune` on SIGTERM: the TUI's cancel), resumable like stop_after."""
     import torch
 
     from hanlin import catalog
@@ -498,6 +501,10 @@ def train(cfg: FinetuneConfig, *, resume: bool = False, log: Callable[[str], Non
     torch_dev = model.lm_head.weight.device
     with open(os.path.join(run_dir, LOG_FILE), "a", encoding="utf-8") as logf:
         while step < total and (stop_after is None or len(result.step_times) < stop_after):
+            if should_stop is not None and should_stop():
+                result.stopped = True
+                log(f"stopping: saving a checkpoint at step {step}")
+                break
             t0 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
             step_loss, step_tokens, step_labels = 0.0, 0, 0
@@ -520,7 +527,7 @@ def train(cfg: FinetuneConfig, *, resume: bool = False, log: Callable[[str], Non
             result.step_times.append(dt)
             result.step_tokens.append(step_tokens)
             mem = torch.cuda.max_memory_allocated() if torch_dev.type == "cuda" else peak_rss()
-            row = {"step": step, "loss": round(step_loss, 6), "lr": current_lr, "grad_norm": grad_norm, "tokens": step_tokens,
+            row = {"step": step, "total_steps": total, "loss": round(step_loss, 6), "lr": current_lr, "grad_norm": grad_norm, "tokens": step_tokens,
                    "labels": step_labels, "tokens_per_s": step_tokens / dt, "seconds": round(dt, 4), "memory_gb": mem / 2**30}  # fmt: skip
             if val_batches and (step == total or (cfg.save_every and step % cfg.save_every == 0)):
                 row["val_loss"] = evaluate()
@@ -541,10 +548,14 @@ def train(cfg: FinetuneConfig, *, resume: bool = False, log: Callable[[str], Non
     result.train_loss = history[-1]["loss"] if history else None
     vals = [r["val_loss"] for r in history if r.get("val_loss") is not None]
     result.val_loss = vals[-1] if vals else None
-    if step < total:  # stopped early on purpose (stop_after): leave a checkpoint to resume from
+    if step < total:  # stopped early on purpose (stop_after, should_stop): leave a checkpoint to resume from
         save_checkpoint(run_dir, step, {"trainable": trainable_state(model, cfg.method), "optimizer": opt.state_dict(),
                                         "scheduler": sched.state_dict(), "rng": rng_state(), "step": step, "cursor": cursor,
                                         "history": history})  # fmt: skip
+        if result.stopped:
+            write_json(os.path.join(run_dir, RUN_FILE), {"base_model": str(src.path), "method": cfg.method, "config": cfg.to_dict(),
+                                                          "allocator": allocator, "plan": the_plan.to_dict(), "status": "stopped",
+                                                          "steps": step, "total_steps": total})  # fmt: skip
         return result
     _save_outputs(run_dir, model, cfg, src, tok)
     draw_loss(history, os.path.join(run_dir, "loss.png"))

@@ -1,0 +1,143 @@
+"""Every screen of the terminal app at 80x24 and 120x40, compared with its saved SVG snapshot
+(pytest-textual-snapshot). After an intended change of a screen, look at the new pictures and
+update them: `pytest tests/test_tui_snapshots.py --snapshot-update`.
+
+What would vary between runs is held still: the device report is a recorded one, HANLIN_HOME
+is empty, the work folder and the server key are fixed, and the conversation comes from a
+history written here."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+pytest.importorskip("pytest_textual_snapshot", reason="the dev extra brings pytest-textual-snapshot")
+
+from tui_helpers import recorded_report, wait_until  # noqa: E402
+
+import hanlin  # noqa: E402
+from hanlin.apps.tui.app import HanlinApp  # noqa: E402
+from hanlin.history import HistoryStore  # noqa: E402
+
+SIZES = [(80, 24), (120, 40)]
+WORKDIR = "/tmp/hanlin-snapshot-work"  # shown in the fine-tune form; nothing is written there
+
+
+@pytest.fixture
+def make_app(tmp_path, monkeypatch, default_model_path):
+    monkeypatch.setenv("HANLIN_HOME", str(tmp_path / "home"))
+    # the default model "in the store" whether this machine has it from the package or a pull
+    (tmp_path / "home" / "models").mkdir(parents=True)
+    (tmp_path / "home" / "models" / os.path.basename(default_model_path)).symlink_to(default_model_path)
+    import hanlin.apps.tui.serve as serve
+
+    monkeypatch.setattr(serve.secrets, "token_urlsafe", lambda n: "snapshot-key-0123456789")
+    # the fine-tune plan counts this process's resident memory as the framework's share on a CPU
+    import hanlin.finetune.plan as plan
+
+    monkeypatch.setattr(plan, "_runtime", lambda kind, runtime: 700 * 2**20 if runtime is None else runtime)
+    report = recorded_report()
+
+    def make(loaded: bool = False) -> HanlinApp:
+        app = HanlinApp(report=report, history=tmp_path / "history.sqlite", workdir=WORKDIR)
+        if loaded:
+            app.session.llm = hanlin.load("smollm2-135m-instruct", device=report.cpu(), engine="gguf")
+            app.session.model = "smollm2-135m-instruct"
+            app.session.device = report.cpu()
+        return app
+
+    store = HistoryStore(tmp_path / "history.sqlite")
+    cid = store.create("Reverse a list in Python", model="smollm2-135m-instruct")
+    store.add_message(cid, "user", "How do I reverse a list in Python?")
+    store.add_message(cid, "assistant", "Use slicing or `reversed`:\n\n```python\nitems = [1, 2, 3]\nprint(items[::-1])\n```\n\n"
+                      "- `items[::-1]` makes a new list\n- `items.reverse()` reverses in place")  # fmt: skip
+    store.create("A second conversation")
+    make.conversation = cid  # type: ignore[attr-defined]
+    return make
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_device_screen(snap_compare, make_app, size):
+    assert snap_compare(make_app(), terminal_size=size)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_model_screen(snap_compare, make_app, size):
+    assert snap_compare(make_app(), terminal_size=size, press=["enter"])
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_task_screen(snap_compare, make_app, size):
+    async def open_tasks(pilot):
+        pilot.app.goto_tasks()
+        await pilot.pause()
+
+    assert snap_compare(make_app(loaded=True), terminal_size=size, run_before=open_tasks)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_chat_screen(snap_compare, make_app, size):
+    async def open_chat(pilot):
+        pilot.app.open_task("chat")
+        await pilot.pause()
+        chat = pilot.app.screen
+        await wait_until(pilot, lambda: len(chat.sidebar_ids) == 2, 10, "the sidebar")
+        chat.open_conversation(make_app.conversation)
+        await pilot.pause(0.3)
+
+    assert snap_compare(make_app(loaded=True), terminal_size=size, run_before=open_chat)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_chat_settings_panel(snap_compare, make_app, size):
+    async def open_settings(pilot):
+        pilot.app.open_task("chat")
+        await pilot.pause()
+        await pilot.press("f3")
+        await pilot.pause()
+
+    assert snap_compare(make_app(loaded=True), terminal_size=size, run_before=open_settings)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_finetune_screen(snap_compare, make_app, size):
+    async def open_finetune(pilot):
+        pilot.app.open_task("finetune")
+        await pilot.pause()
+        screen = pilot.app.screen
+        await wait_until(pilot, lambda: screen.plan is not None, 30, "the memory plan")
+        await pilot.pause(0.2)
+
+    assert snap_compare(make_app(loaded=True), terminal_size=size, run_before=open_finetune)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_evaluate_screen(snap_compare, make_app, size):
+    async def open_eval(pilot):
+        pilot.app.open_task("evaluate")
+        await pilot.pause()
+
+    assert snap_compare(make_app(loaded=True), terminal_size=size, run_before=open_eval)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_serve_screen(snap_compare, make_app, size):
+    async def open_serve(pilot):
+        pilot.app.open_task("serve")
+        await pilot.pause()
+
+    assert snap_compare(make_app(loaded=True), terminal_size=size, run_before=open_serve)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_help_screen(snap_compare, make_app, size):
+    assert snap_compare(make_app(), terminal_size=size, press=["f1"])
+
+
+def test_light_theme(snap_compare, make_app):
+    assert snap_compare(make_app(), terminal_size=(120, 40), press=["ctrl+t"])
+
+
+def test_too_small_terminal(snap_compare, make_app):
+    assert snap_compare(make_app(), terminal_size=(60, 20))
