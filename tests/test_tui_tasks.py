@@ -56,6 +56,7 @@ def run(app: HanlinApp, script, size=(120, 40)) -> None:
         async with app.run_test(size=size) as pilot:
             await pilot.pause()
             await script(pilot)
+            await pilot.pause(0.1)  # let a screen pushed last finish mounting before the app exits
 
     asyncio.run(main())
 
