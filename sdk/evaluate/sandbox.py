@@ -7,6 +7,9 @@ agents' Python tool:
     result = run_python("print(1 + 1)", limits=Limits(wall_seconds=5))
     result.status, result.stdout        # ("passed", "2\\n")
 
+    # files the program starts with, in its working directory (a copy: changes are lost)
+    run_python("print(open('data/x.csv').read())", files={"data/x.csv": "a,b\\n1,2\\n"})
+
 Each run is one fresh interpreter process (the same `sys.executable`) in its own temporary
 directory, which is deleted afterwards. What keeps the code in its box:
 
@@ -49,6 +52,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 OUTPUT_CAP = 64 * 1024  # bytes of stdout / stderr kept per run
@@ -130,8 +134,14 @@ class RunResult:
     isolation: dict[str, str] = field(default_factory=dict)  # what applied to this run
 
 
-def run_python(code: str, *, limits: Limits = Limits(), stdin: str = "") -> RunResult:
+def run_python(
+    code: str, *, limits: Limits = Limits(), stdin: str = "", files: Mapping[str, str | bytes] | None = None
+) -> RunResult:
     """Run `code` as a Python program in a fresh sandbox and report how it ended.
+
+    `files` maps relative paths ("data/x.csv") to contents (str is written as UTF-8): they
+    are written into the throwaway working directory before the run, owned by the sandbox
+    user, so the program reads its inputs without being given any path outside its box.
 
     Never raises for anything the program does; a sandbox that cannot start gives
     status "error". The interpreter runs with `-s -P` (no user site, no script directory
@@ -142,7 +152,44 @@ def run_python(code: str, *, limits: Limits = Limits(), stdin: str = "") -> RunR
         raise TypeError(f"code must be a str, got {type(code).__name__}")
     if not isinstance(limits, Limits):
         raise TypeError(f"limits must be a Limits, got {type(limits).__name__}")
-    return _execute(code, limits, stdin, _plan())
+    return _execute(code, limits, stdin, _plan(), _checked_files(files))
+
+
+def _checked_files(files: Mapping[str, str | bytes] | None) -> dict[str, bytes]:
+    """`files` as {relative path: bytes}, or a ValueError naming the path that cannot be one."""
+    if files is None:
+        return {}
+    if not isinstance(files, Mapping):
+        raise TypeError(f"files must be a mapping of relative paths to contents, got {type(files).__name__}")
+    out: dict[str, bytes] = {}
+    for name, data in files.items():
+        if not isinstance(name, str):
+            raise TypeError(f"files: a path must be a str, got {type(name).__name__}")
+        parts = name.split("/")
+        if name.startswith("/") or "\0" in name or any(p in ("", ".", "..") for p in parts):
+            raise ValueError(f"files: {name!r} must be a relative path without '.', '..' or empty parts, like 'data/x.csv'")
+        if name == SCRIPT_NAME:
+            raise ValueError(f"files: {SCRIPT_NAME!r} is the name of the sandbox's own script; rename that file")
+        if isinstance(data, str):
+            data = data.encode("utf-8", errors="surrogateescape")
+        elif not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"files: the contents of {name!r} must be str or bytes, got {type(data).__name__}")
+        out[name] = bytes(data)
+    folders = {"/".join(name.split("/")[:i]) for name in out for i in range(1, name.count("/") + 1)}
+    clash = sorted(folders & set(out))
+    if clash:
+        raise ValueError(f"files: {clash[0]!r} is given both as a file and as a folder of other files")
+    return out
+
+
+def _place_files(workspace: str, files: dict[str, bytes]) -> None:
+    """Write the run's starting files into its fresh working directory."""
+    for name, data in files.items():
+        path = os.path.join(workspace, *name.split("/"))
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with open(fd, "wb") as f:
+            f.write(data)
 
 
 def isolation() -> dict[str, str]:
@@ -303,18 +350,21 @@ def _mount(source: str | None, target: str, fstype: str | None, flags: int, data
 # One run.
 
 
-def _execute(code: str, limits: Limits, stdin: str, plan: _Plan) -> RunResult:
+def _execute(code: str, limits: Limits, stdin: str, plan: _Plan, files: dict[str, bytes] | None = None) -> RunResult:
     start = time.monotonic()
     # ours: output files, the child's notes, mount staging points; the sandbox never sees it
     harness = tempfile.mkdtemp(prefix="hanlin-harness-")
     # theirs: the working directory, owned by the sandbox user
     workspace = tempfile.mkdtemp(prefix="hanlin-sandbox-")
     try:
+        _place_files(workspace, files or {})
         script = os.path.join(workspace, SCRIPT_NAME)
         with open(script, "w", encoding="utf-8", errors="surrogateescape") as f:
             f.write(code if plan.netns else _with_socket_guard(code))
         if plan.uid is not None:
-            os.chown(script, plan.uid, plan.gid)
+            for root, dirs, names in os.walk(workspace):  # the script, the files, their folders
+                for name in dirs + names:
+                    os.lchown(os.path.join(root, name), plan.uid, plan.gid)
             os.chown(workspace, plan.uid, plan.gid)
         os.chmod(workspace, 0o700)
         stages = []
