@@ -67,7 +67,7 @@ def create_app(settings: ServerSettings | None = None, llm: Any = None) -> FastA
     template = llm.engine.metadata().get("chat_template") or ""
     state = State(settings, llm, scheduler, metrics, settings.served_model_name or llm.name, int(time.time()), "tools" in template)
     if settings.embedding_model:
-        from hanlin.apps.server.embeddings import MINILM, Embedder, resolve_embedding_model
+        from hanlin.embeddings import MINILM, Embedder, resolve_embedding_model
 
         folder = resolve_embedding_model(settings.embedding_model)
         name = MINILM if not os.path.isdir(settings.embedding_model) else os.path.basename(folder.rstrip("/"))
