@@ -213,6 +213,30 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--light", action="store_true", help="start in the light theme (Ctrl-T toggles)")
     tu.set_defaults(func=cmd_tui)
 
+    kb = sub.add_parser("kb", help="a knowledge base over your documents: ingest, search, calibrate, ask",
+                        description="Index a folder of documents (pdf, docx, xlsx, pptx, html, md, txt) and ask it questions.")  # fmt: skip
+    kbs = kb.add_subparsers(dest="kb_command", metavar="ACTION", required=True)
+    default_kb = os.path.join("~", ".cache", "hanlin", "kb", "default")
+    for name, helptext in (("ingest", "index a folder (incremental: only new and changed files are read)"),
+                           ("search", "the passages that match a question, with where they are"),
+                           ("calibrate", "fit the threshold that declines unrelated questions"),
+                           ("ask", "answer a question from the knowledge base, with citations")):  # fmt: skip
+        a = kbs.add_parser(name, help=helptext, description=helptext[0].upper() + helptext[1:] + ".")
+        a.add_argument("--kb", default=os.environ.get("HANLIN_KB", default_kb), help="the knowledge base folder (env HANLIN_KB)")
+        a.add_argument("--embedding-model", default="all-minilm-l6-v2", help="sentence-embedding model: all-minilm-l6-v2 or a folder")
+        if name == "ingest":
+            a.add_argument("dir", help="the folder of documents")
+        elif name == "calibrate":
+            a.add_argument("--good", required=True, help="a text file of questions the knowledge base should answer, one per line")
+            a.add_argument("--bad", required=True, help="a text file of unrelated questions it should decline, one per line")
+        else:
+            a.add_argument("question")
+            a.add_argument("-k", type=int, default=5, help="passages to retrieve")
+            a.add_argument("--json", action="store_true", help="print JSON")
+        if name == "ask":
+            _model_args(a)
+        a.set_defaults(func=cmd_kb)
+
     sv = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API",
                         description="Serve a model over an OpenAI-compatible API (FastAPI + uvicorn) on 127.0.0.1:8000 by default. "
                         "Every flag is also an environment variable: --max-concurrent is HANLIN_SERVE_MAX_CONCURRENT.")  # fmt: skip
@@ -402,6 +426,65 @@ def _stop_on_sigterm():
 
     signal.signal(signal.SIGTERM, on_term)
     return lambda: asked["stop"]
+
+
+def cmd_kb(args: argparse.Namespace) -> int:
+    try:
+        from hanlin.rag import KnowledgeBase
+    except ImportError as e:
+        raise _UsageError(f"the knowledge base needs the rag extra ({e.name} is missing): pip install -c constraints.txt -e '.[rag]'") from None
+    kb = KnowledgeBase(os.path.expanduser(args.kb), embedding_model=args.embedding_model)
+    if args.kb_command == "ingest":
+        if not os.path.isdir(args.dir):
+            raise _UsageError(f"{args.dir} is not a directory")
+        print(kb.ingest(args.dir, log=lambda m: print(m, file=sys.stderr, flush=True)).summary())
+        print(f"knowledge base: {kb.path}")
+        return 0
+    if args.kb_command == "calibrate":
+        lines = []
+        for f in (args.good, args.bad):
+            try:
+                with open(f, encoding="utf-8") as fh:
+                    lines.append([q.strip() for q in fh if q.strip()])
+            except OSError as e:
+                raise _UsageError(f"{f}: {e.strerror}") from None
+        try:
+            r = kb.calibrate(*lines)
+        except ValueError as e:
+            raise _UsageError(str(e)) from None
+        print(f"threshold {r['threshold']:.4f}: {r['correct']}/{r['good'] + r['bad']} example questions decided right "
+              f"({r['good']} good, {r['bad']} bad)")  # fmt: skip
+        return 0
+    if args.k < 1:
+        raise _UsageError(f"-k {args.k}: retrieve at least 1 passage")
+    hits = kb.search(args.question, k=args.k)
+    ok, relevance = kb.answerable(args.question)
+    if args.kb_command == "search":
+        if args.json:
+            print(json.dumps({"answerable": ok, "relevance": relevance, "hits": [vars(h) for h in hits]}, ensure_ascii=False))
+        else:
+            for i, h in enumerate(hits, 1):
+                print(f"[{i}] {h.citation()}  similarity {h.similarity:.3f}\n    {h.text[:300]}")
+            if not ok:
+                print(f"(relevance {relevance:.3f} is under the calibrated threshold: `kb ask` would decline this question)")
+        return 0
+    from hanlin.rag.answer import answer
+
+    import hanlin
+
+    if not ok:
+        text, used = "I can't answer that from this knowledge base: the question does not match its documents.", []
+    else:
+        llm = hanlin.load(args.model or hanlin.DEFAULT_MODEL, device=args.device, engine=args.engine, pull_missing=True,
+                          ctx_size=args.ctx_size, threads=args.threads, dtype=args.dtype)  # fmt: skip
+        text, used = answer(llm, args.question, hits)
+    if args.json:
+        print(json.dumps({"answer": text, "declined": not ok, "relevance": relevance, "sources": [h.citation() for h in used]}, ensure_ascii=False))
+    else:
+        print(text)
+        for i, h in enumerate(used, 1):
+            print(f"[{i}] {h.citation()}")
+    return 0
 
 
 def cmd_tui(args: argparse.Namespace) -> int:

