@@ -69,6 +69,11 @@ def test_ingest_search_incremental_and_removed(tmp_path, embedder):
     assert kb.search("what status code when the queue is full", k=1)[0].path == "serve.md"
     assert kb.search("年假可以顺延到什么时候", k=1)[0].path == "假期.md"
     assert kb.search("npu-smi", k=1)[0].path == "devices.txt"  # an exact name: BM25's part
+    only_bm25 = kb.search("npu-smi", k=3, mode="bm25")  # one ranking alone (the benchmark's baselines)
+    assert only_bm25[0].path == "devices.txt" and all(h.bm25 > 0 for h in only_bm25)
+    assert len(kb.search("npu-smi", k=3, mode="dense")) == 3
+    with pytest.raises(ValueError, match="search mode 'fuzzy'"):
+        kb.search("npu-smi", mode="fuzzy")
 
     before = counting.texts  # (the searches above embedded their questions)
     again = KnowledgeBase(kbdir, embedder=counting).ingest(root)  # nothing changed: nothing read or embedded
