@@ -2,29 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 
 import pytest
 
 pytest.importorskip("textual", reason="the tui extra is part of dev: pip install -c constraints.txt -e '.[dev]'")
 
-from tui_helpers import recorded_report, text_of, wait_until  # noqa: E402
+from tui_helpers import recorded_report, run, text_of, wait_until  # noqa: E402
 
 from hanlin.apps.tui.app import HanlinApp, TooSmall  # noqa: E402
 from hanlin.history import HistoryStore  # noqa: E402
 
 LONG = "Write a long story about a lighthouse keeper and the sea, in many paragraphs."
-
-
-def run(app: HanlinApp, script, size=(120, 40)) -> None:
-    async def main():
-        async with app.run_test(size=size) as pilot:
-            await pilot.pause()
-            await script(pilot)
-            await pilot.pause(0.1)  # let a screen pushed last finish mounting before the app exits
-
-    asyncio.run(main())
 
 
 def new_app(tmp_path, **kw) -> HanlinApp:

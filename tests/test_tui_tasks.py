@@ -5,7 +5,6 @@ screen counts it, and neither left running when the app quits."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import socket
@@ -16,7 +15,7 @@ import pytest
 
 pytest.importorskip("textual", reason="the tui extra is part of dev: pip install -c constraints.txt -e '.[dev]'")
 
-from tui_helpers import recorded_report, text_of, wait_until  # noqa: E402
+from tui_helpers import recorded_report, run, text_of, wait_until  # noqa: E402
 
 import hanlin  # noqa: E402
 from hanlin.apps.tui import process as process_module  # noqa: E402
@@ -49,16 +48,6 @@ def new_app(tmp_path, model_path: str) -> HanlinApp:
     app.session.model = model_path
     app.session.device = get_device("cpu")
     return app
-
-
-def run(app: HanlinApp, script, size=(120, 40)) -> None:
-    async def main():
-        async with app.run_test(size=size) as pilot:
-            await pilot.pause()
-            await script(pilot)
-            await pilot.pause(0.1)  # let a screen pushed last finish mounting before the app exits
-
-    asyncio.run(main())
 
 
 async def type_into(pilot, widget_id: str, text: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from pathlib import Path
@@ -26,6 +27,18 @@ def recorded_report(with_gpus: bool = True):
         devices += parse_nvidia_smi_csv((FIXTURES / "devices" / "nvidia_smi_a800x4.csv").read_text())
         notes.pop("cuda", None)
     return DeviceReport(devices, notes)
+
+
+def run(app, script, size=(120, 40)) -> None:
+    """Run the app headless at size and drive it with `await script(pilot)`."""
+
+    async def main():
+        async with app.run_test(size=size) as pilot:
+            await pilot.pause()
+            await script(pilot)
+            await pilot.pause(0.1)  # let a screen pushed last finish mounting before the app exits
+
+    asyncio.run(main())
 
 
 async def wait_until(pilot, predicate, timeout: float = 60.0, what: str = "the condition") -> None:
