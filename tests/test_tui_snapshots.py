@@ -3,8 +3,9 @@
 update them: `pytest tests/test_tui_snapshots.py --snapshot-update`.
 
 What would vary between runs is held still: the device report is a recorded one, HANLIN_HOME
-is empty, the work folder and the server key are fixed, and the conversation comes from a
-history written here."""
+is empty, the work folder and the server key are fixed, the conversation comes from a
+history written here, and blinking cursors are stopped in their focused (visible) phase before
+each picture: a cursor caught half a second later is off, which failed CI once on a slow run."""
 
 from __future__ import annotations
 
@@ -21,6 +22,34 @@ from hanlin.apps.tui.app import HanlinApp  # noqa: E402
 from hanlin.history import HistoryStore  # noqa: E402
 
 SIZES = [(80, 24), (120, 40)]
+
+
+async def steady_cursors(pilot) -> None:
+    """Stop every blinking cursor (Input, TextArea), shown when its widget has focus."""
+    for widget in pilot.app.screen.query("*"):
+        if "cursor_blink" in type(widget)._reactives:
+            widget.cursor_blink = False  # pauses the blink timer (and hides the cursor) ...
+            widget._cursor_visible = widget.has_focus  # ... which the focused one shows again
+            widget.refresh()
+    await pilot.pause()
+
+
+@pytest.fixture
+def snap(snap_compare):
+    """snap_compare with the cursors held still after run_before / press."""
+
+    def compare(app, *, terminal_size, press=(), run_before=None):
+        async def before(pilot):
+            if run_before is not None:
+                await run_before(pilot)
+            for key in press:
+                await pilot.press(key)
+            await pilot.pause()
+            await steady_cursors(pilot)
+
+        return snap_compare(app, terminal_size=terminal_size, run_before=before)
+
+    return compare
 WORKDIR = "/tmp/hanlin-snapshot-work"  # shown in the fine-tune form; nothing is written there
 
 
@@ -58,26 +87,26 @@ def make_app(tmp_path, monkeypatch, default_model_path):
 
 
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
-def test_device_screen(snap_compare, make_app, size):
-    assert snap_compare(make_app(), terminal_size=size)
+def test_device_screen(snap, make_app, size):
+    assert snap(make_app(), terminal_size=size)
 
 
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
-def test_model_screen(snap_compare, make_app, size):
-    assert snap_compare(make_app(), terminal_size=size, press=["enter"])
+def test_model_screen(snap, make_app, size):
+    assert snap(make_app(), terminal_size=size, press=["enter"])
 
 
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
-def test_task_screen(snap_compare, make_app, size):
+def test_task_screen(snap, make_app, size):
     async def open_tasks(pilot):
         pilot.app.goto_tasks()
         await pilot.pause()
 
-    assert snap_compare(make_app(loaded=True), terminal_size=size, run_before=open_tasks)
+    assert snap(make_app(loaded=True), terminal_size=size, run_before=open_tasks)
 
 
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
-def test_chat_screen(snap_compare, make_app, size):
+def test_chat_screen(snap, make_app, size):
     async def open_chat(pilot):
         pilot.app.open_task("chat")
         await pilot.pause()
@@ -86,22 +115,22 @@ def test_chat_screen(snap_compare, make_app, size):
         chat.open_conversation(make_app.conversation)
         await pilot.pause(0.3)
 
-    assert snap_compare(make_app(loaded=True), terminal_size=size, run_before=open_chat)
+    assert snap(make_app(loaded=True), terminal_size=size, run_before=open_chat)
 
 
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
-def test_chat_settings_panel(snap_compare, make_app, size):
+def test_chat_settings_panel(snap, make_app, size):
     async def open_settings(pilot):
         pilot.app.open_task("chat")
         await pilot.pause()
         await pilot.press("f3")
         await pilot.pause()
 
-    assert snap_compare(make_app(loaded=True), terminal_size=size, run_before=open_settings)
+    assert snap(make_app(loaded=True), terminal_size=size, run_before=open_settings)
 
 
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
-def test_finetune_screen(snap_compare, make_app, size):
+def test_finetune_screen(snap, make_app, size):
     async def open_finetune(pilot):
         pilot.app.open_task("finetune")
         await pilot.pause()
@@ -109,35 +138,35 @@ def test_finetune_screen(snap_compare, make_app, size):
         await wait_until(pilot, lambda: screen.plan is not None, 30, "the memory plan")
         await pilot.pause(0.2)
 
-    assert snap_compare(make_app(loaded=True), terminal_size=size, run_before=open_finetune)
+    assert snap(make_app(loaded=True), terminal_size=size, run_before=open_finetune)
 
 
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
-def test_evaluate_screen(snap_compare, make_app, size):
+def test_evaluate_screen(snap, make_app, size):
     async def open_eval(pilot):
         pilot.app.open_task("evaluate")
         await pilot.pause()
 
-    assert snap_compare(make_app(loaded=True), terminal_size=size, run_before=open_eval)
+    assert snap(make_app(loaded=True), terminal_size=size, run_before=open_eval)
 
 
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
-def test_serve_screen(snap_compare, make_app, size):
+def test_serve_screen(snap, make_app, size):
     async def open_serve(pilot):
         pilot.app.open_task("serve")
         await pilot.pause()
 
-    assert snap_compare(make_app(loaded=True), terminal_size=size, run_before=open_serve)
+    assert snap(make_app(loaded=True), terminal_size=size, run_before=open_serve)
 
 
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
-def test_help_screen(snap_compare, make_app, size):
-    assert snap_compare(make_app(), terminal_size=size, press=["f1"])
+def test_help_screen(snap, make_app, size):
+    assert snap(make_app(), terminal_size=size, press=["f1"])
 
 
-def test_light_theme(snap_compare, make_app):
-    assert snap_compare(make_app(), terminal_size=(120, 40), press=["ctrl+t"])
+def test_light_theme(snap, make_app):
+    assert snap(make_app(), terminal_size=(120, 40), press=["ctrl+t"])
 
 
-def test_too_small_terminal(snap_compare, make_app):
-    assert snap_compare(make_app(), terminal_size=(60, 20))
+def test_too_small_terminal(snap, make_app):
+    assert snap(make_app(), terminal_size=(60, 20))
