@@ -159,6 +159,11 @@ class LLM:
     def explain(self) -> str:
         return self.selection.explain()
 
+    @property
+    def template_reads_tools(self) -> bool:
+        """Whether the model's chat template renders a `tools` list (Qwen2.5, Llama 3.1 ...)."""
+        return "tools" in (self._template or "")
+
     # ---- prompts ------------------------------------------------------------------------
 
     def render(self, messages: Sequence[Message], *, add_generation_prompt: bool = True, **extra: Any) -> str:

@@ -64,8 +64,7 @@ def create_app(settings: ServerSettings | None = None, llm: Any = None) -> FastA
     scheduler = Scheduler(max_batch=settings.max_concurrent, queue_size=settings.queue_size, metrics=metrics)
     given = llm
     llm = scheduler.start(lambda: given or load_llm(settings))  # the model is loaded on, and only used from, the scheduler's thread
-    template = llm.engine.metadata().get("chat_template") or ""
-    state = State(settings, llm, scheduler, metrics, settings.served_model_name or llm.name, int(time.time()), "tools" in template)
+    state = State(settings, llm, scheduler, metrics, settings.served_model_name or llm.name, int(time.time()), llm.template_reads_tools)
     if settings.embedding_model:
         from hanlin.embeddings import MINILM, Embedder, resolve_embedding_model
 

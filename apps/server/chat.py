@@ -12,7 +12,6 @@ parses `<tool_call>` blocks out of its answer.
 from __future__ import annotations
 
 import json
-import re
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
@@ -20,11 +19,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from hanlin.apps.server import generation as G
+from hanlin.agents.calls import call_schema, parse_calls, template_messages
 from hanlin.apps.server.errors import APIError
 from hanlin.backends.base import ConfigError
 
 router = APIRouter()
-TOOL_CALL = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.S)
 
 
 class ContentPart(BaseModel):
@@ -154,10 +153,7 @@ def _tool_plan(body: ChatRequest) -> tuple[list[Tool], str | None]:
 
 def _schema_for(body: ChatRequest, tools: list[Tool], forced: str | None) -> str | None:
     if forced:
-        options = [t for t in tools if forced == "*" or t.function.name == forced]
-        calls = [{"type": "object", "properties": {"name": {"const": t.function.name}, "arguments": t.function.parameters},
-                  "required": ["name", "arguments"], "additionalProperties": False} for t in options]  # fmt: skip
-        return json.dumps(calls[0] if len(calls) == 1 else {"anyOf": calls})
+        return json.dumps(call_schema([t.function.model_dump() for t in tools], None if forced == "*" else forced))
     fmt = body.response_format
     if not fmt or fmt.get("type") == "text":
         return None
@@ -172,56 +168,18 @@ def _schema_for(body: ChatRequest, tools: list[Tool], forced: str | None) -> str
 
 
 def _messages_for(state, body: ChatRequest, tools: list[Tool]) -> list[dict[str, Any]]:
-    out = []
+    messages = []
     for m in body.messages:
-        content = m.content
-        if isinstance(content, list):
-            content = "".join(p.text or "" for p in content if p.type == "text")
-        msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": content}
-        if state.template_reads_tools:
-            if m.tool_calls:
-                msg["tool_calls"] = m.tool_calls
-            if m.tool_call_id:
-                msg["tool_call_id"] = m.tool_call_id
-        elif m.role == "tool":  # a template without tool support: results go back as the user's turn
-            msg = {"role": "user", "content": f"<tool_response>\n{content}\n</tool_response>"}
-        elif m.tool_calls:
-            calls = "".join(f"<tool_call>{json.dumps({'name': c['function']['name'], 'arguments': _args(c)})}</tool_call>" for c in m.tool_calls if "function" in c)
-            msg = {"role": "assistant", "content": (content or "") + calls}
-        if msg["content"] is None and not msg.get("tool_calls"):
-            msg["content"] = ""
-        out.append(msg)
-    if tools and not state.template_reads_tools:
-        spec = "\n".join(json.dumps({"name": t.function.name, "description": t.function.description or "", "parameters": t.function.parameters}) for t in tools)
-        note = ("You can call these functions:\n" + spec + "\nTo call one, answer with <tool_call>{\"name\": <function name>, "
-                "\"arguments\": <arguments object>}</tool_call>.")  # fmt: skip
-        if out and out[0]["role"] == "system":
-            out[0] = dict(out[0], content=f"{out[0]['content']}\n\n{note}")
-        else:
-            out.insert(0, {"role": "system", "content": note})
-    return out
-
-
-def _args(call: dict[str, Any]) -> Any:
-    raw = call["function"].get("arguments", "{}")
-    try:
-        return json.loads(raw) if isinstance(raw, str) else raw
-    except ValueError:
-        return raw
+        msg = m.model_dump(exclude_none=True)
+        if isinstance(m.content, list):
+            msg["content"] = "".join(p.text or "" for p in m.content if p.type == "text")
+        msg.setdefault("content", None)
+        messages.append(msg)
+    return template_messages(messages, [t.function.model_dump() for t in tools], state.template_reads_tools)
 
 
 def _tool_calls(text: str, tools: list[Tool], forced: str | None) -> list[dict[str, Any]]:
     """Calls in the model's answer: the whole answer when the call was forced (constrained to
     JSON), else every <tool_call> block naming a known tool with an arguments object."""
-    names = {t.function.name for t in tools}
-    blobs = [text] if forced else TOOL_CALL.findall(text)
-    calls = []
-    for blob in blobs:
-        try:
-            obj = json.loads(blob)
-        except ValueError:
-            continue
-        if isinstance(obj, dict) and obj.get("name") in names and isinstance(obj.get("arguments", {}), dict):
-            calls.append({"id": G.new_id("call"), "type": "function",
-                          "function": {"name": obj["name"], "arguments": json.dumps(obj.get("arguments", {}), ensure_ascii=False)}})  # fmt: skip
-    return calls
+    return [{"id": G.new_id("call"), "type": "function", "function": {"name": name, "arguments": json.dumps(args, ensure_ascii=False)}}
+            for name, args in parse_calls(text, [t.function.name for t in tools], whole=bool(forced))]  # fmt: skip
