@@ -237,6 +237,32 @@ def build_parser() -> argparse.ArgumentParser:
             _model_args(a)
         a.set_defaults(func=cmd_kb)
 
+    ag = sub.add_parser("agent", help="answer a question with a tool-using agent (ReAct, ReWOO or function calling)",
+                        description="Run an agent on a question. It may call: calculator; python (a sandboxed process, no network); "
+                        "search (with --kb); read_file (with --workspace); http_fetch (only the hosts given with --allow-host). "
+                        "Each thought, tool call, tool result and the answer is printed as it happens.")  # fmt: skip
+    ag.add_argument("question")
+    ag.add_argument("--agent", "-a", choices=["react", "rewoo", "function"], default="react", help="the loop: react (default), rewoo, function")
+    ag.add_argument("--max-steps", type=int, default=6, help="tool calls before the agent must answer (default 6)")
+    ag.add_argument("--kb", default=None, help="a knowledge base folder (`hanlin kb ingest`): adds the search tool")
+    ag.add_argument("--workspace", default=None, help="a folder the read_file tool may read and the python tool gets a copy of")
+    ag.add_argument("--allow-host", action="append", default=[], metavar="HOST", help="let http_fetch reach this host (repeatable)")
+    ag.add_argument("--no-python", action="store_true", help="no code execution tool")
+    ag.add_argument("--tool-choice", choices=["auto", "required"], default="auto", help="function agent: must the first turn call a tool?")
+    _agent_common(ag)
+    ag.set_defaults(func=cmd_agent)
+
+    se = sub.add_parser("search", help="answer a question by planning sub-questions over a knowledge base (MindSearch-style)",
+                        description="Plan the question as a graph of sub-questions, search the knowledge base for each (independent "
+                        "ones in parallel), answer each from what it found, then answer the question citing the passages.")  # fmt: skip
+    se.add_argument("question")
+    se.add_argument("--kb", default=os.environ.get("HANLIN_KB", default_kb), help="the knowledge base folder (env HANLIN_KB)")
+    se.add_argument("--max-nodes", type=int, default=4, help="sub-questions at most (1-9, default 4)")
+    se.add_argument("--parallel", type=int, default=3, help="sub-questions searched at once (default 3)")
+    se.add_argument("-k", type=int, default=3, help="passages per sub-question (default 3)")
+    _agent_common(se)
+    se.set_defaults(func=cmd_search)
+
     sv = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API",
                         description="Serve a model over an OpenAI-compatible API (FastAPI + uvicorn) on 127.0.0.1:8000 by default. "
                         "Every flag is also an environment variable: --max-concurrent is HANLIN_SERVE_MAX_CONCURRENT.")  # fmt: skip
@@ -426,6 +452,94 @@ def _stop_on_sigterm():
 
     signal.signal(signal.SIGTERM, on_term)
     return lambda: asked["stop"]
+
+
+def _agent_common(a: argparse.ArgumentParser) -> None:
+    _model_args(a)
+    a.add_argument("--max-tokens", type=int, default=512, help="tokens per model step (default 512)")
+    a.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
+    a.add_argument("--seed", type=int, default=None)
+    a.add_argument("--json", action="store_true", help="print each event as one JSON line")
+
+
+def _agent_llm(args: argparse.Namespace):
+    import hanlin
+
+    return hanlin.load(args.model or hanlin.DEFAULT_MODEL, device=args.device, engine=args.engine, pull_missing=True,
+                       ctx_size=args.ctx_size, threads=args.threads, dtype=args.dtype)  # fmt: skip
+
+
+def _print_events(events, as_json: bool) -> int:
+    """Each agent event as it happens: a JSON line, or a readable one. 0 when an answer came."""
+    answered = False
+    for ev in events:
+        answered = answered or ev.kind == "answer"
+        if as_json:
+            print(ev.to_json(), flush=True)
+            continue
+        d = ev.to_dict()
+        if ev.kind == "thought":
+            line = f"thought: {d['text']}"
+        elif ev.kind == "tool_call":
+            line = f"call {d['id']}: {d['name']}({json.dumps(d['arguments'], ensure_ascii=False)})"
+        elif ev.kind == "tool_result":
+            line = f"result {d['id']}{'' if d['ok'] else ' (error)'}: {d['content'][:2000]}"
+        elif ev.kind == "notice":
+            line = f"note: {d['text']}"
+        elif ev.kind == "plan":
+            line = "plan:\n" + "\n".join(f"  {n['id']}: {n['question']}" + (f"  (after {', '.join(n['depends_on'])})" if n["depends_on"] else "")
+                                          for n in d["nodes"])  # fmt: skip
+        elif ev.kind == "node":
+            if d["state"] not in ("done", "failed"):
+                line = f"{d['id']} {d['state']}"
+            else:
+                line = f"{d['id']} {d['state']}: {d['answer'] or d['error']}"
+        else:
+            stopped = f" (stopped: {d['stopped']})" if d.get("stopped") else ""
+            line = f"\nanswer{stopped}: {d['text']}"
+            if d.get("sources"):
+                line += "\n" + "\n".join(f"[{i}] {s['citation']}" for i, s in enumerate(d["sources"], 1))
+        print(line, flush=True)
+    return 0 if answered else 1
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    from hanlin.agents import ToolsConfig, builtin_tools, make_agent, search_tool
+
+    if args.max_steps < 1:
+        raise _UsageError(f"--max-steps {args.max_steps}: at least 1")
+    if args.workspace is not None and not os.path.isdir(args.workspace):
+        raise _UsageError(f"--workspace {args.workspace}: not a directory")
+    box = builtin_tools(ToolsConfig(workspace=args.workspace, allowed_hosts=tuple(args.allow_host), python=not args.no_python))
+    if args.kb is not None:
+        box.add(search_tool(_open_kb(args.kb)))
+    options = {"tool_choice": args.tool_choice} if args.agent == "function" else {}
+    agent = make_agent(args.agent, _agent_llm(args), box, max_steps=args.max_steps, max_tokens=args.max_tokens,
+                       temperature=args.temperature, seed=args.seed, **options)  # fmt: skip
+    return _print_events(agent.run(args.question), args.json)
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from hanlin.agents import Planner, kb_searcher
+
+    for flag, value, low, high in (("--max-nodes", args.max_nodes, 1, 9), ("--parallel", args.parallel, 1, 64), ("-k", args.k, 1, 50)):
+        if not low <= value <= high:
+            raise _UsageError(f"{flag} {value}: must be between {low} and {high}")
+    searcher = kb_searcher(_open_kb(args.kb), k=args.k)
+    planner = Planner(_agent_llm(args), searcher, max_nodes=args.max_nodes, parallel=args.parallel, max_tokens=args.max_tokens,
+                      temperature=args.temperature, seed=args.seed)  # fmt: skip
+    return _print_events(planner.run(args.question), args.json)
+
+
+def _open_kb(path: str):
+    try:
+        from hanlin.rag import KnowledgeBase
+    except ImportError as e:
+        raise _UsageError(f"the knowledge base needs the rag extra ({e.name} is missing): pip install -c constraints.txt -e '.[rag]'") from None
+    kb = KnowledgeBase(os.path.expanduser(path))
+    if kb.current() is None:
+        raise _UsageError(f"the knowledge base at {kb.path} is empty: run `hanlin kb ingest DIR --kb {path}` first")
+    return kb
 
 
 def cmd_kb(args: argparse.Namespace) -> int:

@@ -13,13 +13,14 @@ from typing import Any
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from hanlin.apps.server import chat, completions, embeddings, errors, models
+from hanlin.apps.server import agents, chat, completions, embeddings, errors, kb, models
 from hanlin.apps.server.errors import APIError
 from hanlin.apps.server.metrics import Metrics
 from hanlin.apps.server.scheduler import Scheduler
 from hanlin.apps.server.settings import ServerSettings
 
 log = logging.getLogger("hanlin.server")
+ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/kb/search", "/v1/kb/ask", "/v1/agents/runs", "/v1/models", "/health", "/metrics")  # counted by name in /metrics
 
 
 @dataclass
@@ -32,6 +33,7 @@ class State:
     started: int
     template_reads_tools: bool
     embedder: Any = None  # embeddings.Embedder when --embedding-model is set
+    kb: Any = None  # kb.ServedKB when --kb is set
 
     @property
     def default_config(self):
@@ -71,6 +73,8 @@ def create_app(settings: ServerSettings | None = None, llm: Any = None) -> FastA
         folder = resolve_embedding_model(settings.embedding_model)
         name = MINILM if not os.path.isdir(settings.embedding_model) else os.path.basename(folder.rstrip("/"))
         state.embedder = scheduler.call(lambda: Embedder(folder, name)).result()  # loaded on the model thread, like the model
+    if settings.kb:
+        state.kb = scheduler.call(lambda: kb.ServedKB(settings.kb, state.embedder)).result()  # its embedder too
 
     from contextlib import asynccontextmanager
 
@@ -87,6 +91,8 @@ def create_app(settings: ServerSettings | None = None, llm: Any = None) -> FastA
     app.include_router(chat.router)
     app.include_router(completions.router)
     app.include_router(embeddings.router)
+    app.include_router(kb.router)
+    app.include_router(agents.router)
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
@@ -108,7 +114,7 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"]
-        endpoint = path if path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/health", "/metrics") else "other"
+        endpoint = path if path in ENDPOINTS else "other"
         status_seen = {"code": 500}
 
         async def counting_send(message: dict) -> None:

@@ -1,20 +1,24 @@
 """What chat and completions share: request settings -> GenerationConfig, a choice's tokens
-from the scheduler through the shared stop policy, and the OpenAI logprobs shapes."""
+from the scheduler through the shared stop policy, and the OpenAI logprobs shapes; and
+SchedulerLLM, the LLM surface the agents and knowledge-base answers call, each generation a
+scheduler request."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import queue
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Sequence
+from typing import Any, AsyncIterator, Iterator, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from hanlin.apps.server.errors import APIError
 from hanlin.apps.server.scheduler import QueueFull
-from hanlin.backends.base import GenerationConfig, StopPolicy, TokenEvent, check_prompt_fits
+from hanlin.backends.base import ConfigError, GenerationConfig, StopPolicy, TokenEvent, check_prompt_fits
 
 MAX_N = 16
 
@@ -209,3 +213,97 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 def count_tokens(events: Sequence[TokenEvent]) -> int:
     return sum(1 for ev in events if ev.token_id is not None)
+
+
+class Cancelled(Exception):
+    """The run this generation belongs to was given up (its client went away)."""
+
+
+class SchedulerLLM:
+    """The part of hanlin's LLM that the agents and `hanlin.rag.answer` call (chat, chat_ids,
+    generate_ids, tokenize, template_reads_tools, engine), for code that runs on a thread of
+    its own (an agent run, a knowledge-base answer). Prompts are rendered and tokenized where
+    the caller is, as /v1/chat/completions does; every generation is queued on the scheduler
+    as a request like any other, so it is batched with chat requests, waits its turn, gets the
+    same 429 when the queue is full and the same max_tokens cap; the model itself is never
+    touched off the scheduler's thread.
+
+    One object serves one run: `cancelled` (set when its client goes away) ends the generation
+    in progress at the next token and refuses the next one; past `deadline` (the server's
+    request_timeout from the start of the run) the generation in progress ends with a 504."""
+
+    def __init__(self, state: Any):
+        self._state = state
+        self._llm = state.llm
+        self.engine = state.llm.engine
+        self.config: GenerationConfig = state.default_config
+        self.template_reads_tools: bool = state.template_reads_tools
+        self.name: str = state.model_name
+        self.cancelled = threading.Event()
+        self.deadline = time.monotonic() + state.settings.request_timeout
+
+    def chat_ids(self, messages: Sequence[Any], **extra: Any) -> list[int]:
+        return self._llm.chat_ids(messages, **extra)
+
+    def tokenize(self, text: str, *, add_bos: bool | None = None) -> list[int]:
+        return self._llm.tokenize(text, add_bos=add_bos)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self._llm.detokenize(ids)
+
+    def chat(self, messages: Sequence[Any], *, stream: bool = False, config: GenerationConfig | None = None, **overrides: Any):
+        return self.generate_ids(self.chat_ids(messages), stream=stream, config=config, **overrides)
+
+    def generate_ids(self, ids: Sequence[int], *, stream: bool = False, config: GenerationConfig | None = None, **overrides: Any):
+        """A Completion, or a Stream of TokenEvents (hanlin.llm's own classes) when stream=True."""
+        from hanlin.llm import Stream
+
+        cfg = (config or self.config).updated(**overrides)
+        cap = self._state.settings.max_tokens_cap
+        cfg = cfg.updated(max_tokens=min(cfg.max_tokens or cap, cap))
+        s = Stream(self._tokens(list(ids), cfg), len(ids), cfg.logprobs)
+        if stream:
+            return s
+        for _ in s:
+            pass
+        return s.completion
+
+    def _tokens(self, ids: list[int], config: GenerationConfig) -> Iterator[TokenEvent]:
+        state = self._state
+        if self.cancelled.is_set():
+            raise Cancelled()
+        if not ids:
+            raise ConfigError("the prompt is empty: give at least one token")
+        engine = self.engine
+        check_prompt_fits(len(ids), engine.context_length, config)
+        room = engine.context_length - len(ids)
+        state.scheduler.check(config)
+        try:
+            ticket = state.scheduler.submit(ids, config, min(config.max_tokens or room, room))
+        except QueueFull as e:
+            raise APIError(429, str(e), type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from None
+        state.metrics.prompt_tokens.inc(len(ids))
+        policy = StopPolicy(token_bytes=engine.token_bytes, eos_ids=engine.eos_token_ids, config=config, room=room)
+        try:
+            while True:
+                if self.cancelled.is_set():
+                    raise Cancelled()
+                left = self.deadline - time.monotonic()
+                if left <= 0:
+                    raise APIError(504, f"the run took longer than the server's request_timeout ({state.settings.request_timeout:g} s)", type="server_error", code="timeout")
+                try:
+                    item = ticket.out.get(timeout=min(left, 0.5))
+                except queue.Empty:
+                    continue
+                if item is None:
+                    yield policy.end()
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                state.metrics.generation_tokens.inc()
+                event = policy.feed(item)
+                yield event
+                if event.finish_reason:
+                    return
+        finally:
+            ticket.cancel()  # a no-op for a request that ended; frees the slot of one that did not

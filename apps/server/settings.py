@@ -17,6 +17,7 @@ class ServerSettings(BaseSettings):
     dtype: str = Field("auto", description="torch engine dtype: auto, float32, bfloat16, float16")
     ctx_size: int | None = Field(None, ge=16, description="context window per request (default: the model's, capped)")
     embedding_model: str | None = Field(None, description="sentence-embedding model for /v1/embeddings: all-minilm-l6-v2 or a folder")
+    kb: str | None = Field(None, description="a knowledge base folder (`hanlin kb ingest`) for /v1/kb/search, /v1/kb/ask and the agents' search tool")
     served_model_name: str | None = Field(None, description="the model id clients use (default: the model's name)")
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")

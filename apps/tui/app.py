@@ -37,6 +37,7 @@ class Session:
     llm: Any = None  # hanlin.LLM, loaded by the model picker
     engine: str = "auto"
     load_options: dict[str, Any] = field(default_factory=dict)
+    kb: str | None = None  # the knowledge base folder last used (Agents, Knowledge base)
 
 
 class TooSmall(Screen):
@@ -73,11 +74,13 @@ class HanlinCommands(Provider):
             cmds.append(("Go to models", "pick another model", app.goto_models))
         if app.session.llm is not None:
             cmds += [
-                ("Go to tasks", "chat, fine-tune, evaluate or serve", app.goto_tasks),
+                ("Go to tasks", "chat, fine-tune, evaluate, serve, agents or the knowledge base", app.goto_tasks),
                 ("Chat", "chat with the loaded model", lambda: app.open_task("chat")),
                 ("Fine-tune", "fine-tune the loaded model", lambda: app.open_task("finetune")),
                 ("Evaluate", "evaluate the loaded model", lambda: app.open_task("evaluate")),
                 ("Serve", "serve the model over an OpenAI-compatible API", lambda: app.open_task("serve")),
+                ("Agents", "tool-using agents and the planner on the loaded model", lambda: app.open_task("agents")),
+                ("Knowledge base", "ingest documents, search them, ask with citations", lambda: app.open_task("kb")),
             ]
         return cmds
 
@@ -120,6 +123,7 @@ class HanlinApp(App):
         self.workdir = Path(workdir) if workdir is not None else Path.cwd()
         self.theme = theme
         self._cleanups: list[Callable[[], None]] = []
+        self.knowledge_bases: dict[str, Any] = {}  # folder -> KnowledgeBase, opened once (kb.open_kb)
 
     # -- shared parts ------------------------------------------------------------------
 

@@ -30,11 +30,13 @@ def _keys(bindings) -> list[tuple[str, str]]:
 
 
 def help_text() -> str:
+    from .agents import AgentsScreen
     from .app import HanlinApp
     from .chat import ChatScreen
     from .devices import DeviceScreen
     from .evaluate import EvaluateScreen
     from .finetune import FinetuneScreen
+    from .kb import KnowledgeBaseScreen
     from .models import ModelScreen
     from .serve import ServeScreen
     from .tasks import TaskScreen
@@ -48,6 +50,8 @@ def help_text() -> str:
         ("Fine-tune", _keys(FinetuneScreen.BINDINGS)),
         ("Evaluate", _keys(EvaluateScreen.BINDINGS)),
         ("Serve", _keys(ServeScreen.BINDINGS)),
+        ("Agents", [("Enter", "Run the question")] + _keys(AgentsScreen.BINDINGS)),
+        ("Knowledge base", [("Enter", "Search (ingest in the folder box)")] + _keys(KnowledgeBaseScreen.BINDINGS)),
     ]
     lines = []
     for title, keys in sections:

@@ -8,14 +8,15 @@ from typing import Callable
 
 from textual.app import ComposeResult
 from textual.binding import Binding
+from textual.markup import escape
 from textual.screen import Screen
 from textual.widgets import Footer, Header, OptionList, Static
 from textual.widgets.option_list import Option
 
 
-def _missing(*modules: str) -> str | None:
+def _missing(*modules: str, extra: str) -> str | None:
     gone = [m for m in modules if importlib.util.find_spec(m) is None]
-    return f"needs {', '.join(gone)} (pip install -c constraints.txt 'hanlin[...]')" if gone else None
+    return f"needs {', '.join(gone)} (pip install -c constraints.txt -e '.[{extra}]')" if gone else None
 
 
 @dataclass(frozen=True)
@@ -50,12 +51,27 @@ def _serve() -> Screen:
     return ServeScreen()
 
 
+def _agents() -> Screen:
+    from .agents import AgentsScreen
+
+    return AgentsScreen()
+
+
+def _kb() -> Screen:
+    from .kb import KnowledgeBaseScreen
+
+    return KnowledgeBaseScreen()
+
+
 TASKS: dict[str, Task] = {
     "chat": Task("Chat", "talk to the model; conversations are kept", _chat),
     "finetune": Task("Fine-tune", "LoRA, QLoRA, full or DPO on your JSONL data, with a memory plan first", _finetune,
-                     lambda: _missing("torch", "peft")),  # fmt: skip
+                     lambda: _missing("torch", "peft", extra="torch,train")),  # fmt: skip
     "evaluate": Task("Evaluate", "GSM8K, CMMLU, HumanEval, WikiText-2, needle in a haystack", _evaluate),
-    "serve": Task("Serve", "an OpenAI-compatible HTTP API on this machine", _serve, lambda: _missing("fastapi", "uvicorn")),
+    "serve": Task("Serve", "an OpenAI-compatible HTTP API on this machine", _serve, lambda: _missing("fastapi", "uvicorn", extra="serve")),
+    "agents": Task("Agents", "tool-using agents (ReAct, ReWOO, functions) and a planner", _agents),
+    "kb": Task("Knowledge base", "ingest documents, search them, answers with citations", _kb,
+               lambda: _missing("faiss", "bm25s", "transformers", "torch", extra="rag,torch")),
 }
 
 
@@ -71,9 +87,10 @@ class TaskScreen(Screen):
 
     def _options(self) -> list[Option]:
         out = []
+        width = max(len(t.title) for t in TASKS.values())
         for key, t in TASKS.items():
             why = t.unavailable()
-            text = f"{t.title:<10} {t.description}" + (f"\n           unavailable: {why}" if why else "")
+            text = f"{t.title:<{width}} {t.description}" + (f"\n{'':<{width}} unavailable: {escape(why)}" if why else "")
             out.append(Option(text, id=key, disabled=why is not None))
         return out
 

@@ -34,9 +34,12 @@ from . import calls as C
 from .events import Answer, Event, NodeUpdate, Notice, PlanGraph, Source
 from .search import Searcher, kb_searcher
 
-PLAN_PROMPT = """Break the question below into at most {n} simple sub-questions, each answerable by searching documents.
+PLAN_PROMPT = """Break the question into at most {n} simple sub-questions, each answerable by searching documents.
 A sub-question that needs another's answer lists that one's id in depends_on (only ids listed before it).
-Reply with JSON: {{"nodes": [{{"id": "q1", "question": "...", "depends_on": []}}, ...]}}
+
+Example. Question: Who wrote the paper that introduced the ARC dataset, and when was it published?
+{{"nodes": [{{"id": "q1", "question": "Which paper introduced the ARC dataset?", "depends_on": []}},
+ {{"id": "q2", "question": "Who wrote that paper and when was it published?", "depends_on": ["q1"]}}]}}
 
 Question: {question}"""
 

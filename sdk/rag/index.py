@@ -28,6 +28,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,23 +112,28 @@ class KnowledgeBase:
         self.embedding_model = embedding_model
         self._embedder = embedder
         self._loaded: dict[str, Any] | None = None
+        # the planner searches from several threads: the lazy parts are made once, under a lock
+        self._lock = threading.RLock()
 
     # -- the parts ---------------------------------------------------------------------
 
     @property
     def embedder(self) -> Any:
-        if self._embedder is None:
-            from hanlin.embeddings import Embedder, resolve_embedding_model
+        with self._lock:
+            if self._embedder is None:
+                from hanlin.embeddings import Embedder, resolve_embedding_model
 
-            self._embedder = Embedder(resolve_embedding_model(self.embedding_model), self.embedding_model)
-        return self._embedder
+                self._embedder = Embedder(resolve_embedding_model(self.embedding_model), self.embedding_model)
+            return self._embedder
 
     def _embed(self, texts: Sequence[str], batch: int = 64):
         import numpy as np
 
         out = []
         for i in range(0, len(texts), batch):
-            vecs, _ = self.embedder.embed(list(texts[i : i + batch]))
+            embedder = self.embedder
+            with self._lock:  # a fast tokenizer is not to be shared by threads ("Already borrowed")
+                vecs, _ = embedder.embed(list(texts[i : i + batch]))
             out.append(np.asarray(vecs, dtype="float32"))
         if not out:
             return np.zeros((0, 0), dtype="float32")
@@ -143,8 +149,10 @@ class KnowledgeBase:
         return gen if gen.is_dir() else None
 
     def _load(self) -> dict[str, Any]:
-        if self._loaded is not None:
-            return self._loaded
+        with self._lock:
+            return self._loaded if self._loaded is not None else self._read()
+
+    def _read(self) -> dict[str, Any]:
         import bm25s
         import faiss
 
