@@ -150,8 +150,8 @@ class GenerationConfig:
             raise bad("min_p", self.min_p, "it must be in [0, 1) (0 disables it)")
         if not _finite(self.repeat_penalty) or self.repeat_penalty <= 0:
             raise bad("repeat_penalty", self.repeat_penalty, "it must be > 0 (1.0 disables it)")
-        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
-            raise bad("seed", self.seed, "it must be a non-negative integer")
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
+            raise bad("seed", self.seed, "it must be an integer from 0 to 2**63 - 1")  # torch's generators take no more
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise bad("stop", s, "stop strings must be non-empty strings")

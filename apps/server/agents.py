@@ -14,8 +14,8 @@ the LLM: every generation the agent asks for is one scheduler request, queued an
 with the chat requests under the same limits (a full queue ends the run with a 429, the
 max_tokens cap applies to each step, request_timeout to the whole run). The run's thread
 waits for tokens and runs the tools; knowledge-base searches go to the model thread. A run
-whose client goes away stops at its next token. This keeps the agents' code as it is, at the
-price of one thread per run in progress.
+whose client goes away (streaming or not) stops at its next token. This keeps the agents'
+code as it is, at the price of one thread per run in progress.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class RunRequest(BaseModel):
     max_nodes: int = Field(4, ge=1, le=9, description="planner: sub-questions at most")
     max_tokens: int = Field(512, ge=1, description="tokens per model step (capped by --max-tokens-cap)")
     temperature: float = Field(0.0, ge=0, le=2)
-    seed: int | None = Field(None, ge=0)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
     tool_choice: Literal["auto", "required"] = Field("auto", description="function agent: must its first turn call a tool?")
     stream: bool = False
 
@@ -68,11 +68,13 @@ async def agent_runs(body: RunRequest, request: Request):
     events = _events(llm, _runner(state, body, llm), question)
     if body.stream:
         return StreamingResponse(_sse(events), media_type="text/event-stream")
-    collected = []
-    try:
+
+    async def collect() -> list[dict[str, Any]]:
         async with aclosing(events):
-            async for event in events:
-                collected.append(event)
+            return [event async for event in events]
+
+    try:
+        collected = await G.unless_disconnected(request, collect(), llm.cancelled.set)
     except Exception as e:  # noqa: BLE001  (answered in OpenAI's shape)
         raise _api_error(e) from None
     answer = next((e["text"] for e in reversed(collected) if e["type"] == "answer"), "")
@@ -82,7 +84,7 @@ async def agent_runs(body: RunRequest, request: Request):
 def _runner(state: Any, body: RunRequest, llm: G.SchedulerLLM) -> Callable[[str], Iterator[Any]]:
     from hanlin.agents import Planner, ToolsConfig, builtin_tools, make_agent, search_tool
 
-    sampling = {"max_tokens": body.max_tokens, "temperature": body.temperature, "seed": body.seed}
+    sampling = {"max_tokens": min(body.max_tokens, state.settings.max_tokens_cap), "temperature": body.temperature, "seed": body.seed}
     search = None
     if state.kb is not None:
 

@@ -38,7 +38,7 @@ class SamplingRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)  # a larger seed once broke the scheduler (torch's generator rejects it)
     response_format: dict[str, Any] | None = None
 
 
@@ -307,3 +307,20 @@ class SchedulerLLM:
                     return
         finally:
             ticket.cancel()  # a no-op for a request that ended; frees the slot of one that did not
+
+
+async def unless_disconnected(request: Any, work: Any, on_gone: Any, poll: float = 0.5) -> Any:
+    """Await `work` (a non-streaming reply being made), giving it up when the client goes away:
+    on_gone() is called (to stop the work's thread) and the request ends with a 499 that nobody
+    reads. A streaming reply needs none of this: its client going away cancels the stream."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=poll)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                on_gone()
+                raise APIError(499, "the client closed the request", code="client_closed_request")
+    finally:
+        task.cancel()  # a no-op once it is done

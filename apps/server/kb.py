@@ -42,12 +42,12 @@ class ServedKB:
         self.path = os.path.expanduser(path)
         self._KnowledgeBase = KnowledgeBase
         kb = KnowledgeBase(self.path)
-        if kb.current() is None:
+        self.gen = kb.current()  # named before it is read: a generation made meanwhile is read at the next live()
+        if self.gen is None:
             raise KBError(f"--kb {path} holds no knowledge base: run `hanlin kb ingest DIR --kb {path}` first")
-        model = kb.manifest["embedding_model"]
+        model = kb.manifest["embedding_model"]  # the model it was built with; /v1/embeddings' when that is the same one
         shared = embedder if embedder is not None and getattr(embedder, "name", None) == model else None
-        self.kb = KnowledgeBase(self.path, embedding_model=model, embedder=shared)  # the model it was built with
-        self.gen = self.kb.current()
+        self.kb = kb if model == kb.embedding_model and shared is None else KnowledgeBase(self.path, embedding_model=model, embedder=shared)
         _ = self.kb.manifest, self.kb.embedder  # loaded now: errors at start, not at the first question
 
     def live(self) -> Any:
@@ -142,9 +142,7 @@ async def kb_ask(body: AskRequest, request: Request):
     if not ok:  # declined: the model is not asked
         return {"answer": DECLINED, "declined": True, "relevance": relevance, "citations": []}
     llm = G.SchedulerLLM(state)
-    try:
-        text, used = await asyncio.to_thread(answer, llm, question, hits, max_tokens=body.max_tokens)
-    finally:
-        llm.cancelled.set()  # a client gone mid-answer frees its slot
+    max_tokens = min(body.max_tokens, state.settings.max_tokens_cap)
+    text, used = await G.unless_disconnected(request, asyncio.to_thread(answer, llm, question, hits, max_tokens=max_tokens), llm.cancelled.set)
     citations = [{"n": n, "citation": h.citation(), "path": h.path, "location": h.location} for n, h in enumerate(used, 1)]
     return {"answer": text, "declined": False, "relevance": relevance, "citations": citations}
