@@ -1,8 +1,9 @@
 """The Agents and Knowledge base screens of the terminal app, driven in Textual's Pilot on the
 real default model and the real MiniLM embedder: a ReAct agent's steps and answer drawn as
-they come, Esc stopping a run, the planner refused without a knowledge base; a folder of real
-files ingested into a knowledge base, searched, asked (and an unrelated question declined),
-then the planner answering from it with its nodes reaching "done"."""
+they come, Esc stopping a run, quitting during one, the planner refused without a knowledge
+base; a folder of real files ingested into a knowledge base, searched, asked (and an
+unrelated question declined), then the planner answering from it with its nodes reaching
+"done"."""
 
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ def fill(screen, **values) -> None:
 
 async def open_task(pilot, name: str, kind: type):
     pilot.app.open_task(name)
-    await wait_until(pilot, lambda: isinstance(pilot.app.screen, kind), 10, f"the {name} screen")
+    await wait_until(pilot, lambda: isinstance(pilot.app.screen, kind) and pilot.app.screen.is_mounted, 10, f"the {name} screen")
+    await pilot.pause()
     return pilot.app.screen
 
 
@@ -84,15 +86,23 @@ def test_react_agent_draws_its_steps_and_answer_and_esc_stops_a_run(tmp_path, de
         assert answer.query_one("Markdown").source.startswith(screen.events[-1].text or "*(an empty answer)*")
         assert "done in" in text_of(screen.query_one("#agent-status"))
 
-        # ReWOO, stopped with Esc at once: the step under way ends the run, with no answer
-        fill(screen, kind="rewoo", max_steps="2")
+        # stopped with Esc at once: the step under way (seconds: a thought and a call, decoded
+        # under the schema) ends the run, with no answer
+        fill(screen, max_steps="2")
         await pilot.press("ctrl+r", "escape")
         await wait_until(pilot, lambda: not screen.running, 60, "Esc to stop the run")
         assert "stopped" in text_of(screen.query_one("#agent-status"))
         assert "answer" not in [e.kind for e in screen.events] and screen.query(".event.stopped")
         assert not screen.query(".event.answer")
 
-    run(new_app(tmp_path, default_model_path), script)
+        # quitting while a run is under way: the step ends, then the model is closed, and the app exits cleanly
+        await pilot.press("ctrl+r")
+        assert screen.running
+        await pilot.press("ctrl+q")
+
+    app = new_app(tmp_path, default_model_path)
+    run(app, script)
+    assert app.return_code == 0 and app.session.llm is None
 
 
 def test_knowledge_base_ingests_searches_asks_and_the_planner_answers_from_it(tmp_path, default_model_path, minilm_folder, monkeypatch):

@@ -3,8 +3,9 @@
 update them: `pytest tests/test_tui_snapshots.py --snapshot-update`.
 
 What would vary between runs is held still: the device report is a recorded one, HANLIN_HOME
-is empty, the work folder and the server key are fixed, the conversation comes from a
-history written here, and blinking cursors are stopped in their focused (visible) phase before
+is empty, the work folder, the knowledge base folder and the server key are fixed, the
+conversation comes from a history written here, agent runs are replayed from events made
+here and the knowledge base's hits are made here too (no model runs), and blinking cursors are stopped in their focused (visible) phase before
 each picture: a cursor caught half a second later is off, which failed CI once on a slow run."""
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ WORKDIR = "/tmp/hanlin-snapshot-work"  # shown in the fine-tune form; nothing is
 @pytest.fixture
 def make_app(tmp_path, monkeypatch, default_model_path):
     monkeypatch.setenv("HANLIN_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HANLIN_KB", f"{WORKDIR}/kb")  # shown in the agents and knowledge base forms; never written
     # the default model "in the store" whether this machine has it from the package or a pull
     (tmp_path / "home" / "models").mkdir(parents=True)
     (tmp_path / "home" / "models" / os.path.basename(default_model_path)).symlink_to(default_model_path)
@@ -157,6 +159,91 @@ def test_serve_screen(snap, make_app, size):
         await pilot.pause()
 
     assert snap(make_app(loaded=True), terminal_size=size, run_before=open_serve)
+
+
+def react_run():
+    """A ReAct run's events, as the agent streams them (made here: the same picture every time)."""
+    from hanlin.agents import Answer, Notice, Thought, ToolCall, ToolOutput
+
+    return [
+        Thought("2 ** 10 is a power: the calculator computes it."),
+        ToolCall("call_1", "calculator", {"expression": "2 ** 10"}),
+        ToolOutput("call_1", "calculator", True, "1024"),
+        Thought("Check it in Python too."),
+        ToolCall("call_2", "python", {"code": "print(2 ** 10"}),
+        ToolOutput("call_2", "python", False, "Error: SyntaxError: '(' was never closed"),
+        Notice('repeated call calculator({"expression": "2 ** 10"}) not run again: its result is already known'),
+        Answer("2 ** 10 is **1024**.", stopped="max_steps"),
+    ]
+
+
+def planner_run():
+    from hanlin.agents import Answer, NodeUpdate, PlanGraph, Source
+
+    lighthouse = Source("lighthouse.md (The Brightwater lighthouse)", "The Brightwater lighthouse was built in 1872 by Ada Quill.")
+    q1, q2 = "Who built the Brightwater lighthouse?", "In which year was it built?"
+    return [
+        PlanGraph(({"id": "q1", "question": q1, "depends_on": []}, {"id": "q2", "question": q2, "depends_on": ["q1"]})),
+        NodeUpdate("q1", "waiting", q1), NodeUpdate("q2", "waiting", q2),
+        NodeUpdate("q1", "searching", q1), NodeUpdate("q1", "answering", q1, sources=(lighthouse,)),
+        NodeUpdate("q1", "done", q1, answer="The engineer Ada Quill built it.", sources=(lighthouse,)),
+        NodeUpdate("q2", "searching", q2),
+        NodeUpdate("q2", "done", q2, answer="It was built in 1872.", sources=(lighthouse,)),
+        Answer("Ada Quill built the Brightwater lighthouse in 1872 [1].", sources=(lighthouse,)),
+    ]  # fmt: skip
+
+
+def replay(question: str, kind: str, events):
+    """Open the agents screen and draw `events` as a run would (no model runs)."""
+
+    async def before(pilot):
+        pilot.app.open_task("agents")
+        await pilot.pause()
+        screen = pilot.app.screen
+        screen.query_one("#question").value = question
+        screen.query_one("#kind").value = kind
+        for event in events:
+            screen.show(event)
+        await pilot.pause(0.3)
+
+    return before
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_agents_screen(snap, make_app, size):
+    before = replay("What is 2 ** 10?", "react", react_run())
+    assert snap(make_app(loaded=True), terminal_size=size, run_before=before)
+
+
+def test_agents_planner(snap, make_app):
+    before = replay("Who built the Brightwater lighthouse, and when?", "planner", planner_run())
+    assert snap(make_app(loaded=True), terminal_size=(120, 40), run_before=before)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_knowledge_base_screen(snap, make_app, size):
+    from hanlin.rag import Hit
+
+    hits = [
+        Hit("# The Brightwater lighthouse\nThe Brightwater lighthouse was built in 1872 by the engineer Ada Quill.",
+            "lighthouse.md", "The Brightwater lighthouse", "The Brightwater lighthouse", 0.0328, 0.593, 2.41),
+        Hit("The harbour ferry leaves Brightwater pier every hour from 7 a.m. to 9 p.m.", "timetable.txt", "text", "",
+            0.0323, 0.211, 0.87),
+        Hit("# Hollow Oak orchard\nHollow Oak orchard grows twelve kinds of apple.", "orchard.md", "Hollow Oak orchard",
+            "Hollow Oak orchard", 0.0159, 0.034, 0.0),
+    ]  # fmt: skip
+
+    async def asked(pilot):
+        pilot.app.open_task("kb")
+        await pilot.pause()
+        screen = pilot.app.screen
+        status = screen.query_one("#kb-status")
+        await wait_until(pilot, lambda: "empty" in str(status.render()), 10, "the knowledge base's state")
+        screen.query_one("#query").value = "Who built the Brightwater lighthouse?"
+        screen._searched(hits, "The Brightwater lighthouse was built in 1872 by the engineer Ada Quill [1].", True, 0.593, None, 1.2)
+        await pilot.pause(0.3)
+
+    assert snap(make_app(loaded=True), terminal_size=size, run_before=asked)
 
 
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")

@@ -307,10 +307,14 @@ class Scheduler:
                 prefilled = []
             for (ticket, constraint), (slot, logits) in zip(admitted, prefilled):
                 run = _Running(ticket, slot, constraint=constraint)
-                run.generator = make_generator(ticket.config.seed, logits.device)
-                run.history = torch.tensor([ticket.prompt_ids[-PENALTY_LAST_N:]], device=logits.device)
-                self.running[slot] = run
-                self._sample_and_emit(run, logits, sample, apply_repeat_penalty)
+                self.running[slot] = run  # from here on _finish frees the slot, whatever fails below
+                try:
+                    run.generator = make_generator(ticket.config.seed, logits.device)
+                    run.history = torch.tensor([ticket.prompt_ids[-PENALTY_LAST_N:]], device=logits.device)
+                    self._sample_and_emit(run, logits, sample, apply_repeat_penalty)
+                except Exception as e:  # noqa: BLE001  (this request fails alone; a leaked slot once wedged the server)
+                    log.exception("starting a request failed")
+                    self._finish(run, e)
         self._gauge()
         if not self.running:
             return

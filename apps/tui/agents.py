@@ -15,7 +15,8 @@ The tools are the built-ins (calculator, python in the sandbox; no files, no net
 when the knowledge base folder holds a base, `search` over it. "Max steps" is the agents'
 tool-call limit and the planner's number of sub-questions.
 
-The run is a worker thread that hands each event to the UI thread. Esc sets a flag the worker
+The run is a worker thread that posts each event to the screen (a message: the worker does not
+wait for the UI). Esc sets a flag the worker
 checks between events: the model finishes the step it is in (a step is one generation, a few
 seconds), then the run ends, marked stopped.
 """
@@ -35,7 +36,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Input, Label, Markdown, Select, Static
 
-from .kb import open_kb, session_kb
+from .kb import ScreenCall, open_kb, session_kb
 
 KINDS = [
     ("ReAct", "react"),
@@ -48,6 +49,7 @@ TITLES = {value: title for title, value in KINDS}
 STATE_STYLE = {"waiting": "dim", "searching": "yellow", "answering": "yellow", "done": "green", "failed": "bold red"}
 FORCED = {"max_steps": "the step limit was reached", "repeated_calls": "it repeated a call", "max_tokens": "a step was cut off"}
 RESULT_CHARS = 1500  # of a tool result shown (the model reads all of it)
+QUIT_WAIT_S = 20.0  # quitting waits this long for the step under way: the model is closed after
 
 
 def answer_markdown(answer: Any) -> str:
@@ -69,6 +71,8 @@ class AgentsScreen(Screen):
         super().__init__()
         self.running = False
         self._stop = threading.Event()
+        self._idle = threading.Event()  # set by the worker thread itself when it has let go of the model
+        self._idle.set()
         self.events: list[Any] = []  # every event of the last run, as drawn
         self._t0 = 0.0
 
@@ -104,7 +108,12 @@ class AgentsScreen(Screen):
         self.query_one("#agent-error").display = False
         self.query_one("#agent-status", Static).update("Tools: calculator, python and, with a knowledge base, search.")
         self.query_one("#question", Input).focus()
-        self.app.on_cleanup(self._stop.set)  # type: ignore[attr-defined]
+        self.app.on_cleanup(self._quit)  # type: ignore[attr-defined]
+
+    def _quit(self) -> None:
+        """The app quits: stop the run and let the step under way end before the model closes."""
+        self._stop.set()
+        self._idle.wait(QUIT_WAIT_S)
 
     # -- the form ----------------------------------------------------------------------
 
@@ -149,6 +158,7 @@ class AgentsScreen(Screen):
         table.display = False
         self.running = True
         self._stop.clear()
+        self._idle.clear()
         self._t0 = time.perf_counter()
         self.query_one("#agent-status", Static).update(f"{TITLES[kind]} is working … (Esc stops after the current step)")  # type: ignore[index]
         self._run(kind, question, steps, tokens, folder)  # type: ignore[arg-type]
@@ -165,13 +175,12 @@ class AgentsScreen(Screen):
     # -- the run -----------------------------------------------------------------------
 
     def _post(self, fn: Any, *args: Any) -> None:
-        """Hand fn(*args) to the UI thread, unless this screen is gone."""
-        if self.is_attached:
-            self.app.call_from_thread(self._guarded, fn, *args)
+        """From a worker thread: fn(*args) on the UI thread, in order, without waiting for it."""
+        self.post_message(ScreenCall(fn, args))
 
-    def _guarded(self, fn: Any, *args: Any) -> None:
+    def on_screen_call(self, message: ScreenCall) -> None:
         if self.is_attached:
-            fn(*args)
+            message.fn(*message.args)
 
     def _runner(self, kind: str, steps: int, tokens: int, folder: str) -> Any:
         """The agent or planner to run (raises with a reason the user reads)."""
@@ -217,6 +226,7 @@ class AgentsScreen(Screen):
         finally:
             if events is not None:
                 events.close()  # a planner waits here for the nodes still running
+            self._idle.set()
         self._post(self._finished, error, self._stop.is_set())
 
     def _finished(self, error: str | None, stopped: bool) -> None:

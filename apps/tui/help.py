@@ -51,7 +51,7 @@ def help_text() -> str:
         ("Evaluate", _keys(EvaluateScreen.BINDINGS)),
         ("Serve", _keys(ServeScreen.BINDINGS)),
         ("Agents", [("Enter", "Run the question")] + _keys(AgentsScreen.BINDINGS)),
-        ("Knowledge base", [("Enter", "Search (ingest in the folder box)")] + _keys(KnowledgeBaseScreen.BINDINGS)),
+        ("Knowledge base", [("Enter", "Search; in the documents box: Ingest")] + _keys(KnowledgeBaseScreen.BINDINGS)),
     ]
     lines = []
     for title, keys in sections:

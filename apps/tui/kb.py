@@ -28,9 +28,11 @@ from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
+from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Button, DataTable, Footer, Header, Input, Label, Log, Markdown, Static
 
+QUIT_WAIT_S = 20.0
 DECLINE = "I can't answer that from this knowledge base: the question does not match its documents."
 _OPEN_LOCK = threading.Lock()
 
@@ -77,6 +79,18 @@ def describe(kb: Any) -> str:
     return f"{kb.path} · {gen.name} · {len(files)} files, {chunks} chunks · {m.get('embedding_model')} · {rejection}"
 
 
+class ScreenCall(Message):
+    """A call a worker thread hands to its screen. post_message is thread-safe and does not
+    wait (call_from_thread does: a worker waiting for the UI thread while the UI thread, quitting,
+    waits for the worker would hold both)."""
+
+    bubble = False
+
+    def __init__(self, fn: Any, args: tuple[Any, ...]):
+        super().__init__()
+        self.fn, self.args = fn, args
+
+
 class Stopped(Exception):
     """Raised from ingest's log callback to stop it (nothing of the new generation is kept)."""
 
@@ -94,6 +108,8 @@ class KnowledgeBaseScreen(Screen):
         super().__init__()
         self.busy: str | None = None  # "ingest", "search", "ask" while one runs
         self._stop = threading.Event()
+        self._idle = threading.Event()  # set by the worker thread itself when it has let go of the model
+        self._idle.set()
         self.hits: list[Any] = []  # what the table shows
         self.answer_text: str | None = None
         self.report: Any = None  # the last IngestReport
@@ -129,8 +145,13 @@ class KnowledgeBaseScreen(Screen):
         self.query_one("#kb-answer-box").display = False
         self.query_one("#kb-error").display = False
         self.query_one("#query", Input).focus()
-        self.app.on_cleanup(self._stop.set)  # type: ignore[attr-defined]
+        self.app.on_cleanup(self._quit)  # type: ignore[attr-defined]
         self._status(self._folder())
+
+    def _quit(self) -> None:
+        """The app quits: stop an ingest; let an answer being written end before the model closes."""
+        self._stop.set()
+        self._idle.wait(QUIT_WAIT_S)
 
     # -- the form ----------------------------------------------------------------------
 
@@ -165,6 +186,7 @@ class KnowledgeBaseScreen(Screen):
         self.error("")
         self.busy = what
         self._stop.clear()
+        self._idle.clear()
         self.app.session.kb = folder  # type: ignore[attr-defined]
         return folder
 
@@ -230,13 +252,12 @@ class KnowledgeBaseScreen(Screen):
     # -- workers -----------------------------------------------------------------------
 
     def _post(self, fn: Any, *args: Any) -> None:
-        """Hand fn(*args) to the UI thread, unless this screen is gone."""
-        if self.is_attached:
-            self.app.call_from_thread(self._guarded, fn, *args)
+        """From a worker thread: fn(*args) on the UI thread, in order, without waiting for it."""
+        self.post_message(ScreenCall(fn, args))
 
-    def _guarded(self, fn: Any, *args: Any) -> None:
+    def on_screen_call(self, message: ScreenCall) -> None:
         if self.is_attached:
-            fn(*args)
+            message.fn(*message.args)
 
     @work(thread=True, group="kb-status", exclusive=True)
     def _status(self, folder: str) -> None:
@@ -274,6 +295,8 @@ class KnowledgeBaseScreen(Screen):
             error, status = "Ingest stopped: nothing of it was written; the knowledge base is as it was.", ""
         except Exception as e:  # noqa: BLE001 - shown on the screen
             error, status = f"Ingest failed: {e}", ""
+        finally:
+            self._idle.set()
         self._post(self._ingested, report, status, error)
 
     def _ingested(self, report: Any, status: str, error: str | None) -> None:
@@ -308,6 +331,8 @@ class KnowledgeBaseScreen(Screen):
         except Exception as e:  # noqa: BLE001 - shown on the screen
             self._post(self._searched, [], None, True, 0.0, f"{'Ask' if ask else 'Search'} failed: {e}", 0.0)
             return
+        finally:
+            self._idle.set()
         self._post(self._searched, used, text, ok, relevance, None, time.perf_counter() - t0)
 
     def _searched(self, hits: list[Any], text: str | None, ok: bool, relevance: float, error: str | None, seconds: float) -> None:
