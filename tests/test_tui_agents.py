@@ -122,8 +122,7 @@ def test_knowledge_base_ingests_searches_asks_and_the_planner_answers_from_it(tm
 
         # ingest: the log fills line by line, the summary ends it
         fill(screen, ingest_dir=str(docs))
-        await pilot.press("ctrl+o")
-        assert screen.busy == "ingest"
+        await pilot.press("ctrl+o")  # (three small files can be in before the key press returns: no check of busy here)
         await wait_until(pilot, lambda: screen.busy is None, 120, "the ingest")
         lines = list(screen.query_one("#kb-log").lines)
         assert any("read lighthouse.md: 1 chunks" in line for line in lines), lines
