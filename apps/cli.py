@@ -7,6 +7,7 @@
     hanlin perplexity [--model M] [--engine E] [--ctx 512] FILE
     hanlin eval [--model M|URL] [--engine E] --tasks gsm8k,cmmlu,... [--limit N] [--shots K]
     hanlin eval compare RUN1 RUN2 ...
+    hanlin data prepare RAW... OUT [--tokenizer M] [--workers N] [--executor local|ray] [--heldout F]
     hanlin [tui]              the terminal app (what `hanlin` alone opens in a terminal)
 
 Errors a user can cause are printed as one clear sentence (exit code 2), never a traceback.
@@ -262,6 +263,51 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("-k", type=int, default=3, help="passages per sub-question (default 3)")
     _agent_common(se)
     se.set_defaults(func=cmd_search)
+
+    da = sub.add_parser("data", help="prepare pre-training data: raw text -> filtered, deduplicated token shards",
+                        description="Prepare pre-training data. `hanlin data prepare RAW... OUT` reads text, Markdown, JSONL and "
+                        "HTML, filters it (language, Gopher and C4 rules), removes exact and near duplicates and writes token "
+                        "shards with a report of every document dropped and why (docs/data.md).")  # fmt: skip
+    das = da.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    dp = das.add_parser("prepare", help="raw documents -> token shards in OUT, with report.json/report.md",
+                        description="Raw documents (files or folders of .txt .md .jsonl[.gz] .html) -> filtered, deduplicated, "
+                        "tokenized shards in OUT (manifest.json, .bin/.idx, tokenizer/, report.json, report.md). OUT is written "
+                        "atomically; the per-rule counts are printed when it is done.",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    dp.add_argument("raw", nargs="+", metavar="RAW", help="input files or folders (read recursively, in sorted order)")
+    dp.add_argument("out", metavar="OUT", help="the shard folder to create")
+    dp.add_argument("--tokenizer", "-t", default=None, help="the model whose tokenizer to use: catalogue name, .gguf, HF folder "
+                    "or tokenizer.json (default: smollm2-135m-instruct)")  # fmt: skip
+    dp.add_argument("--workers", "-j", type=int, default=None, help="worker processes (default: all CPU cores)")
+    dp.add_argument("--executor", choices=("local", "ray"), default="local", help="local: a process pool; ray: a Ray Data job")
+    dp.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS"), help="with --executor ray: the cluster to attach to "
+                    "(env RAY_ADDRESS; default: a local Ray instance)")  # fmt: skip
+    dp.add_argument("--heldout", type=float, default=0.0, help="fraction of the kept documents put in the heldout split (by hash of the text)")
+    dp.add_argument("--langs", default=None, help="comma-separated cld2 language codes to keep, e.g. en,zh (default: every language)")
+    dp.add_argument("--text-field", default="text", help="the JSONL field holding a document's text")
+    dp.add_argument("--near-dup-threshold", type=float, default=0.8, help="MinHash Jaccard similarity above which a document is a near duplicate")
+    dp.add_argument("--eos-token", default=None, help="the document separator token (default: <|endoftext|>, else the tokenizer's EOS)")
+    dp.add_argument("--force", action="store_true", help="replace an existing OUT")
+    dp.add_argument("--json", action="store_true", help="print the report as JSON instead of the table")
+    da.set_defaults(func=cmd_data)
+
+    tr = sub.add_parser("train", help="pre-train or continue pre-training: one process, torchrun, deepspeed, or a cluster's launch files",
+                        description="Causal-LM training of the native model on `hanlin data prepare` shards, from a YAML config "
+                                    "(docs/train.md). One process by default; --nproc N starts N on this machine with torchrun "
+                                    "or the deepspeed launcher; --print-launch writes the files for a multi-node job.")
+    tr.add_argument("--config", required=True, help="the run's YAML config (see docs/train.md for every key)")
+    tr.add_argument("--resume", default="never", help="never (default), auto (newest checkpoint that verifies) or a checkpoint folder")
+    tr.add_argument("--nproc", type=int, default=1, help="processes on this machine (default 1: in this process)")
+    tr.add_argument("--launcher", choices=("torchrun", "deepspeed"), default="torchrun", help="what starts --nproc processes")
+    tr.add_argument("--max-restarts", type=int, default=0, help="torchrun: restart the worker group this often after a failure "
+                    "(with --resume auto it continues from the newest checkpoint)")
+    tr.add_argument("--print-launch", choices=("slurm", "torchrun", "deepspeed"), help="write a multi-node job's launch files instead of training")
+    tr.add_argument("--nodes", type=int, default=1, help="--print-launch: machines")
+    tr.add_argument("--per-node", type=int, default=8, help="--print-launch: devices (processes) per machine")
+    tr.add_argument("--device", choices=("cuda", "npu", "cpu"), default="cuda", help="--print-launch: the devices' kind")
+    tr.add_argument("--launch-out", default="launch", help="--print-launch: folder for the files (default ./launch)")
+    tr.add_argument("--force", action="store_true", help="--print-launch: overwrite existing files")
+    tr.set_defaults(func=cmd_train)
 
     sv = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API",
                         description="Serve a model over an OpenAI-compatible API (FastAPI + uvicorn) on 127.0.0.1:8000 by default. "
@@ -599,6 +645,73 @@ def cmd_kb(args: argparse.Namespace) -> int:
         for i, h in enumerate(used, 1):
             print(f"[{i}] {h.citation()}")
     return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from hanlin.data import NoDocumentsError, prepare
+    from hanlin.data.pipeline import main_log
+
+    try:
+        report = prepare(args.raw, args.out, tokenizer=args.tokenizer, workers=args.workers, executor=args.executor,
+                         ray_address=args.ray_address, heldout=args.heldout, langs=args.langs, text_field=args.text_field,
+                         near_dup_threshold=args.near_dup_threshold, eos_token=args.eos_token, force=args.force, log=main_log)  # fmt: skip
+    except NoDocumentsError as e:
+        if e.report is not None:
+            print(json.dumps(e.report.to_dict(), indent=2, ensure_ascii=False) if args.json else e.report.table())
+        raise
+    print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) if args.json else report.table())
+    print(f"wrote {report.out} (report: {os.path.join(report.out, 'report.md')})", file=sys.stderr)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from hanlin.train.config import TrainConfig
+
+    cfg = TrainConfig.from_yaml(args.config)
+    if args.print_launch:
+        from hanlin.train import launch
+
+        world = args.nodes * args.per_node
+        cfg.check(world)  # a job that cannot run is refused before it is submitted
+        spec = launch.LaunchSpec(launcher=args.print_launch, nodes=args.nodes, per_node=args.per_node, device=args.device,
+                                 config=args.config, resume=args.resume if args.resume != "never" else "auto")
+        files = launch.render(spec)
+        for path in launch.write(files, args.launch_out, force=args.force):
+            print(f"==> {path}")
+            with open(path, encoding="utf-8") as f:
+                print(f.read())
+        return 0
+    if args.nproc < 1:
+        raise _UsageError(f"--nproc must be >= 1, got {args.nproc}")
+    cfg.check(args.nproc)  # before any process starts
+    if args.nproc == 1 and args.launcher == "torchrun" and args.max_restarts == 0:
+        from hanlin.train.trainer import run
+
+        result = run(cfg, resume=args.resume)
+        print(f"trained to step {result.steps}: loss {result.final_loss:.4f}"
+              + (f", held-out loss {result.heldout_loss:.4f}" if result.heldout_loss is not None else "") + f"; {result.out}")
+        return 0
+    worker = ["-m", "hanlin.train", "--config", args.config, "--resume", args.resume]
+    if args.launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc),
+               "--max-restarts", str(args.max_restarts), *worker]
+    else:
+        if args.max_restarts:
+            raise _UsageError("--max-restarts is torchrun's; the deepspeed launcher does not restart workers")
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.nproc), "--master_port", str(_free_port()),
+               "--module", *worker[1:]]
+    print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
+    return subprocess.call(cmd)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def cmd_tui(args: argparse.Namespace) -> int:
