@@ -617,8 +617,11 @@ def cmd_kb(args: argparse.Namespace) -> int:
         return 0
     if args.k < 1:
         raise _UsageError(f"-k {args.k}: retrieve at least 1 passage")
-    hits = kb.search(args.question, k=args.k)
-    ok, relevance = kb.answerable(args.question)
+    from hanlin.rag.index import RELEVANCE_K
+
+    hits = kb.search(args.question, k=max(args.k, RELEVANCE_K))
+    ok, relevance = kb.answerable(args.question, hits)
+    hits = hits[: args.k]
     if args.kb_command == "search":
         if args.json:
             print(json.dumps({"answerable": ok, "relevance": relevance, "hits": [vars(h) for h in hits]}, ensure_ascii=False))
@@ -633,7 +636,9 @@ def cmd_kb(args: argparse.Namespace) -> int:
     import hanlin
 
     if not ok:
-        text, used = "I can't answer that from this knowledge base: the question does not match its documents.", []
+        from hanlin.rag.answer import DECLINED
+
+        text, used = DECLINED, []
     else:
         llm = hanlin.load(args.model or hanlin.DEFAULT_MODEL, device=args.device, engine=args.engine, pull_missing=True,
                           ctx_size=args.ctx_size, threads=args.threads, dtype=args.dtype)  # fmt: skip
@@ -676,7 +681,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         world = args.nodes * args.per_node
         cfg.check(world)  # a job that cannot run is refused before it is submitted
         spec = launch.LaunchSpec(launcher=args.print_launch, nodes=args.nodes, per_node=args.per_node, device=args.device,
-                                 config=args.config, resume=args.resume if args.resume != "never" else "auto")
+                                 config=os.path.abspath(args.config), resume=args.resume if args.resume != "never" else "auto")
         files = launch.render(spec)
         for path in launch.write(files, args.launch_out, force=args.force):
             print(f"==> {path}")

@@ -50,3 +50,13 @@ def folder_written_at(out: str, *, prefix: str = ".hanlin-") -> Iterator[str]:
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_text(path: str, text: str) -> None:
+    """Write a small text file (a manifest, a report, a log) whole or not at all: a temp file
+    beside it, fsynced, then renamed over it."""
+    with written_at(path, prefix=f".{os.path.basename(path)}-") as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())

@@ -388,3 +388,17 @@ def test_dedup_exact_and_near():
     assert d.check(3, exact_key(other), signature(other)) == (None, None)
     with pytest.raises(DataPrepError, match="threshold 1.5"):
         Deduper(1.5)
+
+
+def test_a_literal_special_token_in_a_document_is_text_not_a_boundary(tmp_path, tokenizer_dir):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    words = ARTICLE.split()
+    quoted = " ".join(words[: len(words) // 2] + ["<|endoftext|>"] + words[len(words) // 2:])
+    (raw / "a.txt").write_text(quoted)
+    out = tmp_path / "shards"
+    report = prepare([str(raw)], str(out), tokenizer=tokenizer_dir, workers=1)
+    assert report.kept == 1
+    (ids,) = documents(str(out), "train")
+    eos = json.load(open(out / "manifest.json"))["eos_id"]
+    assert eos not in ids  # the separator appears once, after the document, never inside it

@@ -134,6 +134,16 @@ def test_calibrated_rejection_declines_unrelated_questions(tmp_path, embedder):
     assert kb2.answerable("What is the best way to grow tomatoes?")[0] is False
     with pytest.raises(ValueError, match="at least 2 good and 2 bad"):
         kb2.calibrate(good[:1], bad)
+    # a caller that already searched (k >= 5) passes its hits: the same decision, no second search
+    for question in ("Can a stopped fine-tune run be continued?", "What is the best way to grow tomatoes?"):
+        expected = kb2.answerable(question)
+        hits = kb2.search(question, k=8)
+        searches = []
+        real_search = kb2.search
+        kb2.search = lambda *a, **k: searches.append(a) or real_search(*a, **k)
+        assert kb2.answerable(question, hits) == expected and searches == []
+        assert kb2.answerable(question, hits[:2]) == expected and len(searches) == 1  # too few hits: it searches itself
+        del kb2.search
 
 
 def test_kb_command_line(tmp_path, minilm_folder):

@@ -137,7 +137,8 @@ def test_one_process_run_learns_logs_checkpoints_and_saves_a_loadable_model(tmp_
     held = [x for x in rows if x.get("kind") == "heldout"]
     assert [x["step"] for x in train] == list(range(1, 11))
     assert train[-1]["loss"] < train[0]["loss"] - 0.5  # it learns the pattern
-    assert held[-1]["loss"] < held[0]["loss"] and held[-1]["ppl"] > 1
+    assert [x["step"] for x in held] == [0, 5, 10]  # the starting point, then every eval.every steps
+    assert held[-1]["loss"] < held[0]["loss"] - 0.5 and held[-1]["ppl"] > 1
     for key in ("grad_norm", "lr", "tokens_per_s_per_device", "memory_gib"):
         assert train[-1][key] > 0, key
     assert train[-1]["mfu"] is None  # no known peak FLOP/s for a CPU: no made-up MFU

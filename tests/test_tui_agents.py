@@ -106,7 +106,8 @@ def test_react_agent_draws_its_steps_and_answer_and_esc_stops_a_run(tmp_path, de
 
 
 def test_knowledge_base_ingests_searches_asks_and_the_planner_answers_from_it(tmp_path, default_model_path, minilm_folder, monkeypatch):
-    from hanlin.apps.tui.kb import DECLINE, KnowledgeBaseScreen
+    from hanlin.apps.tui.kb import KnowledgeBaseScreen
+    from hanlin.rag.answer import DECLINED
 
     docs, kb_folder = tmp_path / "docs", tmp_path / "kb"
     docs.mkdir()
@@ -152,7 +153,7 @@ def test_knowledge_base_ingests_searches_asks_and_the_planner_answers_from_it(tm
                       "Recommend a fantasy novel."])  # fmt: skip
         fill(screen, query="How do I configure a Kubernetes ingress controller?")
         await pilot.press("ctrl+r")
-        await wait_until(pilot, lambda: screen.busy is None and screen.answer_text == DECLINE, 30, "the declined question")
+        await wait_until(pilot, lambda: screen.busy is None and screen.answer_text == DECLINED, 30, "the declined question")
         assert "Ask declines this question" in text_of(status)
 
         # the planner on the same knowledge base: its nodes reach "done", the answer cites the file

@@ -27,7 +27,6 @@ from hanlin.backends.base import ConfigError, HanlinError
 
 router = APIRouter()
 MAX_K = 50
-DECLINED = "I can't answer that from this knowledge base: the question does not match its documents."  # as `hanlin kb ask` says it
 
 
 class ServedKB:
@@ -116,7 +115,7 @@ async def kb_search(body: SearchRequest, request: Request):
     def run():
         kb = served.live()
         hits = kb.search(query, k=body.k, mode=body.mode)
-        ok, relevance = kb.answerable(query)
+        ok, relevance = kb.answerable(query, hits if body.mode == "hybrid" else None)
         return hits, ok, relevance
 
     hits, ok, relevance = await on_model_thread(state, run)
@@ -134,12 +133,17 @@ async def kb_ask(body: AskRequest, request: Request):
     question = _question(body.question, "question")
 
     def retrieve():
+        from hanlin.rag.index import RELEVANCE_K
+
         kb = served.live()
-        ok, relevance = kb.answerable(question)
-        return ok, relevance, (kb.search(question, k=body.k) if ok else [])
+        hits = kb.search(question, k=max(body.k, RELEVANCE_K))
+        ok, relevance = kb.answerable(question, hits)
+        return ok, relevance, (hits[: body.k] if ok else [])
 
     ok, relevance, hits = await on_model_thread(state, retrieve)
     if not ok:  # declined: the model is not asked
+        from hanlin.rag.answer import DECLINED
+
         return {"answer": DECLINED, "declined": True, "relevance": relevance, "citations": []}
     llm = G.SchedulerLLM(state)
     max_tokens = min(body.max_tokens, state.settings.max_tokens_cap)

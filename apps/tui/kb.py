@@ -33,7 +33,6 @@ from textual.screen import Screen
 from textual.widgets import Button, DataTable, Footer, Header, Input, Label, Log, Markdown, Static
 
 QUIT_WAIT_S = 20.0
-DECLINE = "I can't answer that from this knowledge base: the question does not match its documents."
 _OPEN_LOCK = threading.Lock()
 
 
@@ -319,7 +318,7 @@ class KnowledgeBaseScreen(Screen):
             if kb.current() is None:
                 raise ValueError(f"{kb.path} holds no knowledge base yet: ingest a folder first")
             hits = kb.search(question, k=5)
-            ok, relevance = kb.answerable(question)
+            ok, relevance = kb.answerable(question, hits)
             text, used = None, hits
             if ask:
                 if ok:
@@ -327,7 +326,9 @@ class KnowledgeBaseScreen(Screen):
 
                     text, used = answer(self.app.session.llm, question, hits)  # type: ignore[attr-defined]
                 else:
-                    text, used = DECLINE, []
+                    from hanlin.rag.answer import DECLINED
+
+                    text, used = DECLINED, []
         except Exception as e:  # noqa: BLE001 - shown on the screen
             self._post(self._searched, [], None, True, 0.0, f"{'Ask' if ask else 'Search'} failed: {e}", 0.0)
             return

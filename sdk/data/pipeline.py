@@ -196,12 +196,9 @@ class Report:
 
 
 def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    from hanlin.backends.files import write_text
+
+    write_text(path, text)
 
 
 # --------------------------------------------------------------------------------------
@@ -234,6 +231,9 @@ def load_tokenizer(spec: str | None, out_dir: str, eos_token: str | None = None)
     else:
         write_tokenizer_files(resolve(spec).path, out_dir)
     tok = Tokenizer.from_file(os.path.join(out_dir, "tokenizer.json"))
+    # a document's literal "<|endoftext|>" (or any special token's text) is text, not a control
+    # token: otherwise a web page quoting it would insert a document boundary mid-document
+    tok.encode_special_tokens = True
     if eos_token is None:
         eos_token = "<|endoftext|>" if tok.token_to_id("<|endoftext|>") is not None else None
     if eos_token is None:

@@ -6,6 +6,10 @@ from typing import Any, Sequence
 
 from .index import Hit
 
+# what a declined question gets (KnowledgeBase.answerable said no): the CLI, the server and the
+# terminal app say the same words, and the model is not asked
+DECLINED = "I can't answer that from this knowledge base: the question does not match its documents."
+
 PROMPT = """Answer the question using only the numbered passages below. Cite the passages you use as [1], [2], ...
 If the passages do not contain the answer, say that you do not know.
 

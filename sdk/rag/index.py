@@ -43,6 +43,7 @@ __all__ = ["KnowledgeBase", "Hit", "IngestReport", "tokenize", "KBError"]
 
 RRF_K = 60
 CANDIDATES = 50  # per ranking, before fusion
+RELEVANCE_K = 5  # hits whose best similarity is a question's relevance (the rejection test)
 _CJK_RUN = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]+")
 _WORD = re.compile(r"[0-9A-Za-z_]+(?:['.-][0-9A-Za-z_]+)*")
 _STOP = frozenset("a an and are as at be by for from how i in is it of on or that the this to was what when where which who why with you do does "
@@ -323,10 +324,13 @@ class KnowledgeBase:
 
     # -- rejection ---------------------------------------------------------------------
 
-    def relevance(self, query: str) -> float:
-        """How related the question is to the knowledge base: the best cosine similarity of the top hits."""
-        hits = self.search(query, k=5)
-        return max((h.similarity for h in hits), default=0.0)
+    def relevance(self, query: str, hits: Sequence[Hit] | None = None) -> float:
+        """How related the question is to the knowledge base: the best cosine similarity of the
+        top RELEVANCE_K hits. `hits`: this query's search(k >= RELEVANCE_K) result, if the caller
+        has one (the ranking is deterministic, so its first RELEVANCE_K are the same hits)."""
+        if hits is None or len(hits) < RELEVANCE_K:
+            hits = self.search(query, k=RELEVANCE_K)
+        return max((h.similarity for h in hits[:RELEVANCE_K]), default=0.0)
 
     def calibrate(self, good: Sequence[str], bad: Sequence[str]) -> dict[str, Any]:
         """Fit the rejection threshold from questions the base should answer (good) and unrelated
@@ -357,9 +361,10 @@ class KnowledgeBase:
         kb["manifest"] = manifest
         return result
 
-    def answerable(self, query: str) -> tuple[bool, float]:
-        """(related enough to answer, its relevance); without calibration everything is related."""
+    def answerable(self, query: str, hits: Sequence[Hit] | None = None) -> tuple[bool, float]:
+        """(related enough to answer, its relevance); without calibration everything is related.
+        `hits`: as for relevance (saves a second search)."""
         t = self.manifest.get("threshold")
-        r = self.relevance(query)
+        r = self.relevance(query, hits)
         return (t is None or r >= t), r
 

@@ -103,12 +103,9 @@ def truncate_after(path: str, step: int) -> None:
                 continue  # a line cut by a kill -9
             if row.get("step", 0) <= step:
                 keep.append(line if line.endswith("\n") else line + "\n")
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(keep)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    from hanlin.backends.files import write_text
+
+    write_text(path, "".join(keep))
 
 
 def read_log(path: str) -> list[dict[str, Any]]:

@@ -137,13 +137,10 @@ def write_manifest(out_dir: str, splits: dict[str, list[ShardRecord]], *, vocab_
         },
         **(extra or {}),
     }
+    from hanlin.backends.files import write_text
+
     path = os.path.join(out_dir, MANIFEST)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_text(path, json.dumps(manifest, indent=2))
     return path
 
 

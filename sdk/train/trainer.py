@@ -83,6 +83,12 @@ def _device(kind: str, local_rank: int):
         best = detect().best()
         kind = best.kind
     dev = get_device("cpu" if kind == "cpu" else f"{kind}:{local_rank}")
+    if dev.kind == "npu":
+        import torch_npu  # noqa: F401  (registers the "npu" device type with torch)
+    if dev.kind in ("cuda", "npu"):
+        import torch
+
+        getattr(torch, dev.kind).set_device(dev.index)  # one device per process, before the group forms
     return dev
 
 
@@ -210,6 +216,11 @@ def run(cfg: TrainConfig, *, resume: str = "never", log: Callable[[str], None] |
     last_loss = heldout_loss = None
     window_t, window_steps = time.perf_counter(), 0
     try:
+        if heldout is not None and cfg.eval.every and start_step == 0:
+            heldout_loss = _evaluate(runner, heldout, cfg, info, device)  # the starting point of the held-out curve
+            if mlog:
+                mlog.write({"step": 0, "kind": "heldout", "loss": round(heldout_loss, 6), "ppl": round(math.exp(heldout_loss), 3)})
+            log(f"step 0: held-out loss {heldout_loss:.4f} (perplexity {math.exp(heldout_loss):,.1f})")
         runner.train(True)
         for step in range(start_step, cfg.train.steps):
             lr = lr_at(step, cfg)
@@ -360,9 +371,6 @@ def _save_final(runner, out: str, shards: TokenShards, info, model, log) -> None
 def _write_config(out: str, cfg: TrainConfig) -> None:
     import yaml
 
-    os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, "config.yaml")
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
-    os.replace(tmp, path)
+    from hanlin.backends.files import write_text
+
+    write_text(os.path.join(out, "config.yaml"), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
