@@ -184,11 +184,17 @@ def test_resume_auto_skips_a_checkpoint_that_fails_verification(tmp_path, shards
 # -- two processes -----------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory, shards):
+    base = tmp_path_factory.mktemp("one")
+    r = hanlin("train", "--config", write_config(base / "c.yaml", base / "run", shards))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return base / "run"
+
+
 @pytest.mark.parametrize("strategy", ["zero3", "fsdp2"])
-def test_two_processes_follow_the_one_process_loss_curve(tmp_path, shards, strategy):
-    one = tmp_path / "one"
-    r1 = hanlin("train", "--config", write_config(tmp_path / "c1.yaml", one, shards))
-    assert r1.returncode == 0, r1.stderr[-3000:]
+def test_two_processes_follow_the_one_process_loss_curve(tmp_path, shards, one_process_run, strategy):
+    one = one_process_run
     two = tmp_path / "two"
     r2 = hanlin("train", "--config", write_config(tmp_path / "c2.yaml", two, shards, parallel={"strategy": strategy}), "--nproc", "2")
     assert r2.returncode == 0, r2.stderr[-3000:]
@@ -246,3 +252,28 @@ def test_a_rank_killed_mid_run_is_restarted_and_gives_the_same_loss_curve(tmp_pa
     assert proc.returncode == 0, output[-4000:]
     assert "resumed from" in output  # the restarted group continued from a checkpoint, not from step 0
     assert train_losses(str(out)) == train_losses(str(clean))
+
+
+def test_gradient_checkpointing_changes_memory_not_the_numbers(tmp_path, shards):
+    plain, ckpt = tmp_path / "plain", tmp_path / "ckpt"
+    short = dict(train={"steps": 3}, checkpoint={"every": 0}, eval={"every": 0})
+    assert hanlin("train", "--config", write_config(tmp_path / "a.yaml", plain, shards, **short)).returncode == 0
+    r = hanlin("train", "--config", write_config(tmp_path / "b.yaml", ckpt, shards, **{**short, "train": {"steps": 3, "grad_checkpointing": True}}))
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = train_losses(str(plain)), train_losses(str(ckpt))
+    assert len(a) == 3 and max(abs(x - y) for (_, x), (_, y) in zip(a, b)) < 1e-5  # recomputation, same math
+
+
+def test_bfloat16_runs_where_the_cpu_computes_it_and_is_refused_where_it_does_not(tmp_path, shards):
+    from hanlin.devices import get_device
+
+    cpu = get_device("cpu")
+    out = tmp_path / "bf16"
+    r = hanlin("train", "--config", write_config(tmp_path / "c.yaml", out, shards, train={"steps": 3, "dtype": "bfloat16"},
+                                                 checkpoint={"every": 0}, eval={"every": 0}))
+    if "bfloat16" in cpu.dtypes:
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "bfloat16" in r.stderr and len(train_losses(str(out))) == 3
+    else:
+        assert r.returncode != 0
+        assert "train.dtype" in r.stderr and "does not compute bfloat16" in r.stderr

@@ -19,6 +19,7 @@ from typing import Any
 PEAK_BF16_FLOPS = (
     ("h200", 989e12),  # NVIDIA H200 SXM: 989 TFLOPS dense BF16 (same tensor cores as H100 SXM)
     ("h100 pcie", 756e12),  # H100 PCIe
+    ("h100 nvl", 835e12),  # H100 NVL
     ("h100", 989e12),  # H100 SXM5
     ("a100", 312e12),  # A100 (SXM and PCIe)
     ("l40s", 362e12),

@@ -222,6 +222,7 @@ def run(cfg: TrainConfig, *, resume: str = "never", log: Callable[[str], None] |
                 mlog.write({"step": 0, "kind": "heldout", "loss": round(heldout_loss, 6), "ppl": round(math.exp(heldout_loss), 3)})
             log(f"step 0: held-out loss {heldout_loss:.4f} (perplexity {math.exp(heldout_loss):,.1f})")
         runner.train(True)
+        window_t = time.perf_counter()  # training time starts here: the step-0 evaluation is not part of it
         for step in range(start_step, cfg.train.steps):
             lr = lr_at(step, cfg)
             losses = []
