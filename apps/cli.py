@@ -272,20 +272,19 @@ def build_parser() -> argparse.ArgumentParser:
     dp = das.add_parser("prepare", help="raw documents -> token shards in OUT, with report.json/report.md",
                         description="Raw documents (files or folders of .txt .md .jsonl[.gz] .html) -> filtered, deduplicated, "
                         "tokenized shards in OUT (manifest.json, .bin/.idx, tokenizer/, report.json, report.md). OUT is written "
-                        "atomically; the per-rule counts are printed when it is done.",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+                        "atomically; the per-rule counts are printed when it is done.")  # fmt: skip
     dp.add_argument("raw", nargs="+", metavar="RAW", help="input files or folders (read recursively, in sorted order)")
     dp.add_argument("out", metavar="OUT", help="the shard folder to create")
     dp.add_argument("--tokenizer", "-t", default=None, help="the model whose tokenizer to use: catalogue name, .gguf, HF folder "
                     "or tokenizer.json (default: smollm2-135m-instruct)")  # fmt: skip
     dp.add_argument("--workers", "-j", type=int, default=None, help="worker processes (default: all CPU cores)")
-    dp.add_argument("--executor", choices=("local", "ray"), default="local", help="local: a process pool; ray: a Ray Data job")
+    dp.add_argument("--executor", choices=("local", "ray"), default="local", help="local: a process pool (default); ray: a Ray Data job")
     dp.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS"), help="with --executor ray: the cluster to attach to "
                     "(env RAY_ADDRESS; default: a local Ray instance)")  # fmt: skip
-    dp.add_argument("--heldout", type=float, default=0.0, help="fraction of the kept documents put in the heldout split (by hash of the text)")
+    dp.add_argument("--heldout", type=float, default=0.0, help="fraction of the kept documents put in the heldout split, chosen by hash of the text (default 0)")
     dp.add_argument("--langs", default=None, help="comma-separated cld2 language codes to keep, e.g. en,zh (default: every language)")
-    dp.add_argument("--text-field", default="text", help="the JSONL field holding a document's text")
-    dp.add_argument("--near-dup-threshold", type=float, default=0.8, help="MinHash Jaccard similarity above which a document is a near duplicate")
+    dp.add_argument("--text-field", default="text", help="the JSONL field holding a document's text (default: text)")
+    dp.add_argument("--near-dup-threshold", type=float, default=0.8, help="MinHash Jaccard similarity above which a document is a near duplicate (default 0.8)")
     dp.add_argument("--eos-token", default=None, help="the document separator token (default: <|endoftext|>, else the tokenizer's EOS)")
     dp.add_argument("--force", action="store_true", help="replace an existing OUT")
     dp.add_argument("--json", action="store_true", help="print the report as JSON instead of the table")

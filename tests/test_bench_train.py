@@ -12,12 +12,12 @@ import subprocess
 import sys
 
 import pytest
+from train_helpers import VOCAB, make_shards
 
 torch = pytest.importorskip("torch")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "tools", "bench_train.py")
-VOCAB = 256
 
 
 def load_tool():
@@ -29,22 +29,6 @@ def load_tool():
 
 def run_tool(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, TOOL, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-
-
-def make_shards(folder) -> str:
-    """A small deterministic token stream (as tests/test_train.py's), written by the real ShardWriter."""
-    import numpy as np
-
-    from hanlin.train.shards import ShardWriter, write_manifest
-
-    rng = np.random.default_rng(0)
-    os.makedirs(folder, exist_ok=True)
-    train = ShardWriter(str(folder), "train", vocab_size=VOCAB, eos_id=0)
-    for _ in range(120):
-        n, start, stride = rng.integers(50, 300), rng.integers(1, 200), rng.integers(1, 5)
-        train.add([(start + stride * i) % (VOCAB - 1) + 1 for i in range(n)])
-    write_manifest(str(folder), {"train": train.close()}, vocab_size=VOCAB, eos_id=0)
-    return str(folder)
 
 
 def test_gpu_config_is_valid_and_about_one_billion_parameters():
@@ -88,7 +72,7 @@ def test_bad_arguments_are_named(args, message):
 
 
 def test_cpu_mode_runs_every_row_and_prints_every_figure(tmp_path):
-    shards = make_shards(tmp_path / "shards")
+    shards = make_shards(tmp_path / "shards", docs=120, heldout_every=0, tokens_per_shard=1 << 24)
     arch = {"dim": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "hidden_dim": 64}
     out = tmp_path / "bench.json"
     r = run_tool("--shards", shards, "--steps", "4", "--warmup", "1", "--global-batch", "4", "--micro-batch", "2",

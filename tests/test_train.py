@@ -25,24 +25,9 @@ from hanlin.backends.base import ConfigError  # noqa: E402
 from hanlin.train import checkpoint as C  # noqa: E402
 from hanlin.train.config import TrainConfig  # noqa: E402
 from hanlin.train.metrics import read_log  # noqa: E402
-from hanlin.train.shards import ShardWriter, write_manifest  # noqa: E402
+from train_helpers import make_shards  # noqa: E402
 
-VOCAB = 256
 ARCH = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "hidden_dim": 128}
-
-
-def make_shards(folder, docs=300, seed=0):
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    os.makedirs(folder, exist_ok=True)
-    train = ShardWriter(str(folder), "train", vocab_size=VOCAB, eos_id=0, tokens_per_shard=20000)  # several shards
-    held = ShardWriter(str(folder), "heldout", vocab_size=VOCAB, eos_id=0)
-    for d in range(docs):
-        n, start, stride = rng.integers(50, 300), rng.integers(1, 200), rng.integers(1, 5)
-        (held if d % 20 == 0 else train).add([(start + stride * i) % (VOCAB - 1) + 1 for i in range(n)])
-    write_manifest(str(folder), {"train": train.close(), "heldout": held.close()}, vocab_size=VOCAB, eos_id=0)
-    return str(folder)
 
 
 @pytest.fixture(scope="module")
@@ -277,3 +262,26 @@ def test_bfloat16_runs_where_the_cpu_computes_it_and_is_refused_where_it_does_no
     else:
         assert r.returncode != 0
         assert "train.dtype" in r.stderr and "does not compute bfloat16" in r.stderr
+
+
+def test_the_collective_backend_follows_the_device():
+    from hanlin.train.parallel import backend_for
+
+    assert [backend_for(k, "auto") for k in ("cuda", "npu", "cpu")] == ["nccl", "hccl", "gloo"]
+    assert backend_for("cuda", "gloo") == "gloo"  # a config that names one gets it
+
+
+def test_print_launch_writes_a_cluster_job_checked_for_its_world_size(tmp_path, shards):
+    cfg = write_config(tmp_path / "c.yaml", tmp_path / "run", shards, train={"global_batch": 64, "micro_batch": 2})
+    launch = tmp_path / "launch"
+    r = hanlin("train", "--config", cfg, "--print-launch", "slurm", "--nodes", "4", "--per-node", "8", "--device", "npu",
+               "--launch-out", str(launch))
+    assert r.returncode == 0, r.stderr
+    sbatch = (launch / "train.sbatch").read_text()
+    assert "#SBATCH --nodes=4" in sbatch and f"--config {cfg}" in sbatch and "--nproc-per-node 8" in sbatch
+    assert "ASCEND_RT_VISIBLE_DEVICES=0,1,2,3,4,5,6,7" in (launch / "env.sh").read_text()
+    # 64 sequences over 2 nodes x 24 devices x micro-batch 2 does not divide: refused, nothing written
+    bad = tmp_path / "bad"
+    r = hanlin("train", "--config", cfg, "--print-launch", "torchrun", "--nodes", "2", "--per-node", "24", "--device", "cuda",
+               "--launch-out", str(bad))
+    assert r.returncode != 0 and "2 x 48 = 96" in r.stderr and not bad.exists()

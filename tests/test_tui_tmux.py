@@ -47,15 +47,22 @@ def test_hanlin_opens_the_app_answers_a_question_and_ctrl_c_restores_the_termina
         pane.send("-l", "What is the capital of France?")
         pane.send("Enter")
         screen = pane.wait_for(lambda s: re.search(r"(stop|length) · \d+ tokens · [\d.]+ tok/s", s) is not None, 90)
-        assert "What is the capital of France?" in screen
-        # the answer the app saved is the one on the screen
+        # the conversation the app saved is the one on the screen. The answer is sampled (the
+        # app's default temperature, up to 512 tokens): a long one scrolls the question out of
+        # the 30-row view, so its start is checked only when the whole exchange fits, its end always
         from hanlin.history import HistoryStore
 
         store = HistoryStore(home / "history.sqlite")
         (conv,) = store.list()
-        answer = store.get(conv.id).messages[-1].content
-        shown = words(screen.split("Assistant", 1)[1])
-        assert words(answer)[:3] and words(answer)[:3] == shown[:3], (answer, screen)
+        messages = store.get(conv.id).messages
+        assert messages[-2].content == "What is the capital of France?"
+        answer = words(messages[-1].content)
+        shown = words(screen)
+        assert answer[-3:] and any(shown[i: i + 3] == answer[-3:] for i in range(len(shown))), (messages[-1].content, screen)
+        if "What is the capital of France?" in screen:
+            assert answer[:3] == words(screen.split("Assistant", 1)[1])[:3], (messages[-1].content, screen)
+        else:
+            assert len(messages[-1].content) > 400, "a short answer leaves the question on the screen"
 
         pane.send("C-c")
         after = pane.wait_for(lambda s: "hanlin-exited=" in s, 20)
