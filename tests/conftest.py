@@ -111,3 +111,11 @@ def minilm_folder() -> str:
                         dst.write(src.read())
         os.replace(tmp, store)
     return store
+
+
+@pytest.fixture(scope="session")
+def embedder(minilm_folder):
+    """The real all-MiniLM-L6-v2 embedder, loaded once (knowledge-base tests)."""
+    from hanlin.embeddings import Embedder
+
+    return Embedder(minilm_folder, "all-minilm-l6-v2")

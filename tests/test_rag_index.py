@@ -32,13 +32,6 @@ class Counting:
         return self.inner.embed(texts)
 
 
-@pytest.fixture(scope="module")
-def embedder(minilm_folder):
-    from hanlin.embeddings import Embedder
-
-    return Embedder(minilm_folder, "all-minilm-l6-v2")
-
-
 def write(root, files):
     root.mkdir(parents=True, exist_ok=True)
     for name, text in files.items():

@@ -15,25 +15,14 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi", reason="the serve extra is part of the dev install")
 pytest.importorskip("faiss", reason="the rag extra is part of the dev install")
 
+from test_rag_index import DOCS as INDEX_DOCS  # noqa: E402
 from test_server import KEY, Server  # noqa: E402
 
-DOCS = {
-    "finetune.md": "# Fine-tuning\nRun `hanlin finetune --data facts.jsonl` to train a LoRA adapter.\n## Resume\n"
-                   "A stopped run continues from its last checkpoint with --resume; the optimizer state is restored.",
-    "serve.md": "# Serving\n`hanlin serve` starts an OpenAI-compatible server on 127.0.0.1:8000.\n## Limits\n"
-                "A full queue answers HTTP 429 with a Retry-After header.",
-    "devices.txt": "The device layer finds the CPU, NVIDIA GPUs through nvidia-smi and Ascend NPUs through npu-smi.",
-}  # fmt: skip
+# the index tests' English documents (the server tests ask English questions)
+DOCS = {name: INDEX_DOCS[name] for name in ("finetune.md", "serve.md", "devices.txt")}
 GOOD = ["How do I continue a fine-tune that stopped?", "What does the server answer when its queue is full?"]
 BAD = ["What is a good recipe for banana bread?", "Who painted the Mona Lisa?"]
 FLAGS = ("--engine", "gguf", "--ctx-size", "1024", "--max-concurrent", "4")
-
-
-@pytest.fixture(scope="module")
-def embedder(minilm_folder):
-    from hanlin.embeddings import Embedder
-
-    return Embedder(minilm_folder, "all-minilm-l6-v2")
 
 
 @pytest.fixture(scope="module")

@@ -33,6 +33,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
+from hanlin.backends.files import write_text
 from hanlin.data.errors import DataPrepError, NoDocumentsError
 from hanlin.data.filters import RULES, FilterConfig, check, html_main_text, is_cjk
 from hanlin.data.readers import RawDoc, list_files, read_documents
@@ -191,14 +192,8 @@ class Report:
         return "\n".join(lines) + "\n"
 
     def save(self, json_path: str, md_path: str) -> None:
-        _write_atomic(json_path, json.dumps(self.to_dict(), indent=2, ensure_ascii=False))
-        _write_atomic(md_path, self.markdown())
-
-
-def _write_atomic(path: str, text: str) -> None:
-    from hanlin.backends.files import write_text
-
-    write_text(path, text)
+        write_text(json_path, json.dumps(self.to_dict(), indent=2, ensure_ascii=False))
+        write_text(md_path, self.markdown())
 
 
 # --------------------------------------------------------------------------------------
@@ -214,7 +209,7 @@ def load_tokenizer(spec: str | None, out_dir: str, eos_token: str | None = None)
     """
     from tokenizers import Tokenizer
 
-    from hanlin.backends.tokenizer import TOKENIZER_FILES, write_tokenizer_files
+    from hanlin.backends.tokenizer import write_tokenizer_files
     from hanlin.catalog import DEFAULT_MODEL, resolve
 
     spec = spec or DEFAULT_MODEL
@@ -225,9 +220,7 @@ def load_tokenizer(spec: str | None, out_dir: str, eos_token: str | None = None)
         if os.path.isfile(cfg := os.path.join(os.path.dirname(path), "tokenizer_config.json")):
             shutil.copy2(cfg, os.path.join(out_dir, "tokenizer_config.json"))
     elif os.path.isdir(path) and os.path.isfile(os.path.join(path, "tokenizer.json")):
-        for name in TOKENIZER_FILES:
-            if os.path.isfile(os.path.join(path, name)):
-                shutil.copy2(os.path.join(path, name), os.path.join(out_dir, name))
+        write_tokenizer_files(path, out_dir)  # a folder's tokenizer files, copied as they are
     else:
         write_tokenizer_files(resolve(spec).path, out_dir)
     tok = Tokenizer.from_file(os.path.join(out_dir, "tokenizer.json"))

@@ -170,6 +170,11 @@ class TorchRunner:
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
 
+    @property
+    def _module(self) -> nn.Module:
+        """The LMLoss module itself (DDP wraps it; none and FSDP2 do not)."""
+        return self.net.module if self.strategy == "ddp" else self.net
+
     @torch.no_grad()
     def evaluate(self, tokens, targets) -> torch.Tensor:
         with _autocast(self.device, self.dtype if self.strategy != "fsdp2" else torch.float32):
@@ -191,8 +196,7 @@ class TorchRunner:
             return
         if self.info.main:
             os.makedirs(state_dir, exist_ok=True)
-            module = self.net.module if self.strategy == "ddp" else self.net
-            torch.save({"model": module.state_dict(), "optim": self.optimizer.state_dict()}, os.path.join(state_dir, "state.pt"))
+            torch.save({"model": self._module.state_dict(), "optim": self.optimizer.state_dict()}, os.path.join(state_dir, "state.pt"))
 
     def load(self, folder: str) -> None:
         state_dir = os.path.join(folder, "state")
@@ -206,8 +210,7 @@ class TorchRunner:
             set_state_dict(self.net, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
             return
         state = torch.load(os.path.join(state_dir, "state.pt"), map_location=self.device, weights_only=True)
-        module = self.net.module if self.strategy == "ddp" else self.net
-        module.load_state_dict(state["model"])
+        self._module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optim"])
 
     def full_state(self) -> dict[str, torch.Tensor] | None:
@@ -216,8 +219,7 @@ class TorchRunner:
 
             sd = get_model_state_dict(self.net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             return _inner_state(sd) if self.info.main else None
-        module = self.net.module if self.strategy == "ddp" else self.net
-        return _inner_state(module.state_dict()) if self.info.main else None
+        return _inner_state(self._module.state_dict()) if self.info.main else None
 
 
 def _inner_state(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -38,6 +38,10 @@ class Windows:
                               f"data.seq_len + 1 = {seq_len + 1}")
         self._epoch, self._perm = -1, None
 
+    def window(self, i: int):
+        """Window i in stream order -> (seq_len + 1,) int64."""
+        return self.shards.window(i * self.seq_len, self.seq_len + 1)
+
     def sample(self, g: int):
         """The g-th sample of the infinite, epoch-by-epoch shuffled order -> (seq_len + 1,) int64."""
         import numpy as np
@@ -46,14 +50,16 @@ class Windows:
         if epoch != self._epoch:
             self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.count)
             self._epoch = epoch
-        return self.shards.window(int(self._perm[i]) * self.seq_len, self.seq_len + 1)
+        return self.window(int(self._perm[i]))
 
-    def batch(self, first: int, n: int, device):
-        """Samples first .. first + n - 1 as (inputs, targets), each (n, seq_len)."""
+    def batch(self, first: int, n: int, device, *, shuffled: bool = True):
+        """Samples first .. first + n - 1 (of the shuffled order, or windows in stream order) as
+        (inputs, targets), each (n, seq_len)."""
         import numpy as np
         import torch
 
-        rows = torch.from_numpy(np.stack([self.sample(first + k) for k in range(n)]))  # (n, T + 1)
+        pick = self.sample if shuffled else self.window
+        rows = torch.from_numpy(np.stack([pick(first + k) for k in range(n)]))  # (n, T + 1)
         return rows[:, :-1].to(device), rows[:, 1:].to(device)
 
 
@@ -118,7 +124,7 @@ def build_model(cfg: TrainConfig, shards: TokenShards, seed: int):
         torch.manual_seed(seed)
         model = Transformer(mc)
         init_weights(model)
-        return model, None
+        return model
     from hanlin import catalog
     from hanlin.backends.torch.engine import load_parts
     from hanlin.devices import get_device
@@ -128,7 +134,7 @@ def build_model(cfg: TrainConfig, shards: TokenShards, seed: int):
     if model.config.vocab_size < shards.vocab_size:
         raise ConfigError(f"model.init: {cfg.model.init} has a {model.config.vocab_size}-token vocabulary; the shards in "
                           f"{shards.folder} use {shards.vocab_size} (prepare them with this model's tokenizer)")
-    return model, str(src.path)
+    return model
 
 
 def init_weights(model) -> None:
@@ -154,11 +160,10 @@ def run(cfg: TrainConfig, *, resume: str = "never", log: Callable[[str], None] |
     from hanlin.train import metrics as M
     from hanlin.train import parallel as P
 
-    device_kind = cfg.train.device
-    dev = _device(device_kind, int(os.environ.get("LOCAL_RANK", "0")))
+    dev = _device(cfg.train.device, int(os.environ.get("LOCAL_RANK", "0")))
     info = P.init_process_group(dev.kind, cfg.parallel.backend)
     say = log or (lambda s: print(s, file=sys.stderr, flush=True))
-    log = (lambda s: say(s)) if info.main else (lambda s: None)
+    log = say if info.main else (lambda s: None)
     cfg.check(info.world)
     strategy = cfg.resolved_strategy(info.world)
     accumulation = cfg.accumulation(info.world)
@@ -194,7 +199,7 @@ def run(cfg: TrainConfig, *, resume: str = "never", log: Callable[[str], None] |
     shards = TokenShards(cfg.data.train, "train")
     windows = Windows(shards, cfg.data.seq_len, cfg.train.seed)
     heldout = _heldout(cfg, shards)
-    model, source = build_model(cfg, shards, cfg.train.seed)
+    model = build_model(cfg, shards, cfg.train.seed)
     if cfg.train.grad_checkpointing:
         model.gradient_checkpointing = True
     device = torch.device("cpu") if dev.kind == "cpu" else torch.device(dev.spec())
@@ -215,12 +220,18 @@ def run(cfg: TrainConfig, *, resume: str = "never", log: Callable[[str], None] |
     tokens_per_step = G * cfg.data.seq_len
     last_loss = heldout_loss = None
     window_t, window_steps = time.perf_counter(), 0
+
+    def evaluate(step: int) -> float:
+        loss = _evaluate(runner, heldout, cfg, info, device)
+        if mlog:
+            mlog.write({"step": step, "kind": "heldout", "loss": round(loss, 6), "ppl": round(math.exp(loss), 3)})
+        log(f"step {step}: held-out loss {loss:.4f} (perplexity {math.exp(loss):,.1f})")
+        runner.train(True)
+        return loss
+
     try:
         if heldout is not None and cfg.eval.every and start_step == 0:
-            heldout_loss = _evaluate(runner, heldout, cfg, info, device)  # the starting point of the held-out curve
-            if mlog:
-                mlog.write({"step": 0, "kind": "heldout", "loss": round(heldout_loss, 6), "ppl": round(math.exp(heldout_loss), 3)})
-            log(f"step 0: held-out loss {heldout_loss:.4f} (perplexity {math.exp(heldout_loss):,.1f})")
+            heldout_loss = evaluate(0)  # the starting point of the held-out curve
         runner.train(True)
         window_t = time.perf_counter()  # training time starts here: the step-0 evaluation is not part of it
         for step in range(start_step, cfg.train.steps):
@@ -249,11 +260,7 @@ def run(cfg: TrainConfig, *, resume: str = "never", log: Callable[[str], None] |
                     f"{tps:,.0f} tok/s/device" + (f" mfu {row['mfu']:.1%}" if peak else ""))
                 window_t, window_steps = time.perf_counter(), 0
             if heldout is not None and cfg.eval.every and (done % cfg.eval.every == 0 or done == cfg.train.steps):
-                heldout_loss = _evaluate(runner, heldout, cfg, info, device)
-                if mlog:
-                    mlog.write({"step": done, "kind": "heldout", "loss": round(heldout_loss, 6), "ppl": round(math.exp(heldout_loss), 3)})
-                log(f"step {done}: held-out loss {heldout_loss:.4f} (perplexity {math.exp(heldout_loss):,.1f})")
-                runner.train(True)
+                heldout_loss = evaluate(done)
             if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == cfg.train.steps:
                 _save(runner, ckpt_root, done, cfg, info, strategy, tokens_per_step)
             if window_steps == 0:
@@ -308,11 +315,8 @@ def _evaluate(runner, heldout: Windows, cfg: TrainConfig, info, device) -> float
         n = max(0, min(Mb, heldout.count - first))
         if n == 0:
             break
-        rows = [heldout.shards.window(i * heldout.seq_len, heldout.seq_len + 1) for i in range(first, first + n)]
-        import numpy as np
-
-        t = torch.from_numpy(np.stack(rows))
-        losses.append(runner.evaluate(t[:, :-1].to(device), t[:, 1:].to(device)).float())
+        x, y = heldout.batch(first, n, device, shuffled=False)
+        losses.append(runner.evaluate(x, y).float())
     return P.mean_over_ranks(torch.stack(losses).mean(), info)
 
 
@@ -338,34 +342,21 @@ def _save(runner, root: str, step: int, cfg: TrainConfig, info, strategy: str, t
 def _save_final(runner, out: str, shards: TokenShards, info, model, log) -> None:
     """OUT/final: an HF-layout folder (safetensors + config.json + the shards' tokenizer), which
     `hanlin chat --model OUT/final` and `hanlin export` read."""
-    import shutil
-    import tempfile
-
-    from hanlin.backends.torch.weights import save_hf_folder
-
+    from hanlin.backends.files import folder_written_at
+    from hanlin.backends.tokenizer import write_tokenizer_files
     from hanlin.backends.torch.model import Transformer
+    from hanlin.backends.torch.weights import save_hf_folder
 
     state = runner.full_state()  # every rank takes part (a gather under ZeRO-3 / FSDP2); rank 0 gets it
     if not info.main:
         return
-    plain = Transformer(model.config)  # the runner's model may hold shards; this one holds the whole
-    plain.load_state_dict(state, strict=True)
-    model = plain
+    whole = Transformer(model.config)  # the runner's model may hold shards; this one holds the whole
+    whole.load_state_dict(state, strict=True)
     final = os.path.join(out, "final")
-    tmp = tempfile.mkdtemp(prefix=".final-", dir=out)
-    try:
-        save_hf_folder(model, tmp)
+    with folder_written_at(final, prefix=".final-") as tmp:
+        save_hf_folder(whole, tmp)
         if shards.tokenizer:
-            tok_src = os.path.join(shards.folder, shards.tokenizer)
-            tok_dir = os.path.dirname(tok_src)
-            for name in os.listdir(tok_dir):
-                if name.startswith("tokenizer") or name.endswith((".jinja", "special_tokens_map.json")):
-                    shutil.copy2(os.path.join(tok_dir, name), os.path.join(tmp, name))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            write_tokenizer_files(os.path.dirname(os.path.join(shards.folder, shards.tokenizer)), tmp)
     log(f"train: model saved to {final}")
 
 
