@@ -379,7 +379,8 @@ def _save(model: Any, path: str) -> None:
 def quantize_block_offsets(path: str) -> None:
     """int4: every projection as w = d * (q - 8) + c per block of 32 (d, c float), run as
     MatMulNBits (d, q) plus blocksum(x) @ C; projections sharing an input fused into one node
-    and split after; the lm_head int8 (onnxruntime's quantizer)."""
+    and split after (q/k/v go to GroupQueryAttention packed, unsplit); the lm_head int8
+    (onnxruntime's quantizer)."""
     import numpy as np
     import onnx
     from onnx import helper, numpy_helper
@@ -428,10 +429,15 @@ def quantize_block_offsets(path: str) -> None:
             add.input.extend([other, y + "_main", y + "_offset"])
         else:
             nodes.append(helper.make_node("Add", [y + "_main", y + "_offset"], [y], name=y + "_add"))
-        if len(members) > 1:
+        outs = [n.output[0] for n in members]
+        gqa = [u for u in consumers.get(outs[0], []) if u.op_type == "GroupQueryAttention"]
+        if len(members) == 3 and len(gqa) == 1 and list(gqa[0].input[:3]) == outs and all(len(consumers[o]) == 1 for o in outs):
+            # q/k/v: GroupQueryAttention takes them packed (key and value left empty), no Split
+            gqa[0].input[0], gqa[0].input[1], gqa[0].input[2] = y, "", ""
+        elif len(members) > 1:
             split = base + "_split"
             graph.initializer.append(numpy_helper.from_array(np.array([w.shape[1] for w in ws], np.int64), split))
-            nodes.append(helper.make_node("Split", [y, split], [n.output[0] for n in members], name=split, axis=-1))
+            nodes.append(helper.make_node("Split", [y, split], outs, name=split, axis=-1))
         inserted[id(members[0])] = nodes
         removed.update(id(n) for n in members)
         used.update(n.input[1] for n in members)
