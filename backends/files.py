@@ -40,16 +40,25 @@ def folder_written_at(out: str, *, prefix: str = ".hanlin-") -> Iterator[str]:
     tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
     try:
         yield tmp
-        old = None
-        if os.path.exists(out):
-            old = tempfile.mkdtemp(prefix=prefix + "old-", dir=parent)
-            os.replace(out, os.path.join(old, "x"))
-        os.replace(tmp, out)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_folder(tmp, out, prefix=prefix)
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace_folder(new: str, out: str, *, prefix: str = ".hanlin-") -> None:
+    """Rename the finished folder `new` to `out` (same parent). An older `out` is moved aside
+    first and removed only once the new one is in place, so at every moment one complete
+    folder sits at `out` or beside it: a crash in between never loses both."""
+    import shutil
+
+    old = None
+    if os.path.exists(out):
+        old = tempfile.mkdtemp(prefix=prefix + "old-", dir=os.path.dirname(os.path.abspath(out)))
+        os.replace(out, os.path.join(old, "x"))
+    os.replace(new, out)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_text(path: str, text: str) -> None:

@@ -164,6 +164,9 @@ def test_resume_auto_skips_a_checkpoint_that_fails_verification(tmp_path, shards
     assert "step-0000009 skipped: state/state.pt fails its checksum" in r.stderr
     assert "resumed from" in r.stderr and "step-0000006" in r.stderr
     assert train_losses(str(out)) == full  # steps 7..10 again, the same numbers
+    # the rerun's saves of steps 9 and 10 replaced the damaged ones whole; nothing left aside
+    assert C.verify(str(ck / "step-0000009")) is None and C.verify(str(ck / "step-0000010")) is None
+    assert not [n for n in os.listdir(ck) if n.startswith(".")]
 
 
 # -- two processes -----------------------------------------------------------------------------

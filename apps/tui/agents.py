@@ -36,7 +36,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Input, Label, Markdown, Select, Static
 
-from .kb import ScreenCall, open_kb, session_kb
+from .kb import WorkerCalls, open_kb, session_kb
 
 KINDS = [
     ("ReAct", "react"),
@@ -60,7 +60,7 @@ def answer_markdown(answer: Any) -> str:
     return text
 
 
-class AgentsScreen(Screen):
+class AgentsScreen(WorkerCalls, Screen):
     BINDINGS = [
         Binding("ctrl+r", "run", "Run"),
         Binding("escape", "stop", "Stop"),
@@ -173,14 +173,6 @@ class AgentsScreen(Screen):
         self.app.pop_screen()
 
     # -- the run -----------------------------------------------------------------------
-
-    def _post(self, fn: Any, *args: Any) -> None:
-        """From a worker thread: fn(*args) on the UI thread, in order, without waiting for it."""
-        self.post_message(ScreenCall(fn, args))
-
-    def on_screen_call(self, message: ScreenCall) -> None:
-        if self.is_attached:
-            message.fn(*message.args)
 
     def _runner(self, kind: str, steps: int, tokens: int, folder: str) -> Any:
         """The agent or planner to run (raises with a reason the user reads)."""

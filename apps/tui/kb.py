@@ -90,11 +90,23 @@ class ScreenCall(Message):
         self.fn, self.args = fn, args
 
 
+class WorkerCalls:
+    """For a Screen whose worker threads update it: _post from the thread, run on the UI thread."""
+
+    def _post(self, fn: Any, *args: Any) -> None:
+        """From a worker thread: fn(*args) on the UI thread, in order, without waiting for it."""
+        self.post_message(ScreenCall(fn, args))  # type: ignore[attr-defined]
+
+    def on_screen_call(self, message: ScreenCall) -> None:
+        if self.is_attached:  # type: ignore[attr-defined]  (a screen already closed ignores late calls)
+            message.fn(*message.args)
+
+
 class Stopped(Exception):
     """Raised from ingest's log callback to stop it (nothing of the new generation is kept)."""
 
 
-class KnowledgeBaseScreen(Screen):
+class KnowledgeBaseScreen(WorkerCalls, Screen):
     BINDINGS = [
         Binding("ctrl+o", "ingest", "Ingest"),
         Binding("ctrl+f", "search", "Search"),
@@ -249,14 +261,6 @@ class KnowledgeBaseScreen(Screen):
         self.app.pop_screen()
 
     # -- workers -----------------------------------------------------------------------
-
-    def _post(self, fn: Any, *args: Any) -> None:
-        """From a worker thread: fn(*args) on the UI thread, in order, without waiting for it."""
-        self.post_message(ScreenCall(fn, args))
-
-    def on_screen_call(self, message: ScreenCall) -> None:
-        if self.is_attached:
-            message.fn(*message.args)
 
     @work(thread=True, group="kb-status", exclusive=True)
     def _status(self, folder: str) -> None:

@@ -225,8 +225,8 @@ class OpenVINOEngine(FolderEngine):
         logits = self._run(prompt[reuse:])[-1]
         sampler = Sampler(config, prompt, PENALTY_LAST_N)
         for i in range(max_new):
-            tok, lp, _ = sampler(logits)
-            yield RawToken(tok, lp if config.logprobs else None)
+            tok, lp = sampler(logits)
+            yield RawToken(tok, lp)
             if i + 1 >= max_new or len(self._tokens) >= self.context_length:
                 return
             logits = self._run([tok])[-1]

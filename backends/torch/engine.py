@@ -277,15 +277,22 @@ class TorchEngine(TokenizerMethods):
         self._cache = None
 
 
+def as_torch_device(device: Device) -> Any:
+    """The torch.device a hanlin Device names ("cpu", "cuda:0", "npu:3", "mps"); for an NPU,
+    torch_npu is imported first: it registers the "npu" device type with torch."""
+    import torch
+
+    if device.kind == "npu":
+        import torch_npu  # noqa: F401
+    return torch.device(device.spec())
+
+
 def load_parts(path: str, device: Device, dtype: Any) -> tuple[Any, Any, dict[str, Any]]:
     """The native model (torch dtype `dtype`, on `device`), its tokenizer and its chat-template
     metadata from a GGUF file or an HF folder: what the engine serves and the fine-tuner trains."""
-    import torch
     from hanlin.backends.torch import weights
 
-    if device.kind == "npu":
-        import torch_npu  # noqa: F401  (registers the "npu" device type with torch)
-    torch_device = torch.device(device.spec() if device.kind != "cpu" else "cpu")
+    torch_device = as_torch_device(device)
     from hanlin.backends.torch.lora import is_run_dir, load_run
 
     if is_run_dir(path):  # a fine-tuning run: its base with the adapter merged

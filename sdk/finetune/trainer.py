@@ -37,6 +37,7 @@ from hanlin.backends.base import ConfigError, ModelError
 from hanlin.finetune.config import FinetuneConfig
 
 CHUNK = 256  # lm_head rows per loss chunk: a few CHUNK x V float buffers live at once (50 MiB each at V=49152)
+from hanlin.backends.torch.engine import as_torch_device
 from hanlin.backends.torch.lora import ADAPTER_DIR, MODEL_DIR, RUN_FILE  # what chat and merge read back
 
 LOG_FILE = "log.jsonl"
@@ -141,12 +142,6 @@ class adapters_off:
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def _torch_device(device):
-    import torch
-
-    return torch.device("cpu" if device.kind == "cpu" else device.spec())
-
-
 def to_nf4(model, device) -> int:
     """Swap every projection of every layer for a bitsandbytes NF4 Linear4bit (QLoRA's base);
     embeddings, norms and the lm_head stay in the compute dtype. Returns how many were swapped."""
@@ -160,7 +155,7 @@ def to_nf4(model, device) -> int:
                 lin = getattr(parent, name, None)
                 if not isinstance(lin, torch.nn.Linear):
                     continue
-                dev = _torch_device(device)
+                dev = as_torch_device(device)
                 q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None, compute_dtype=lin.weight.dtype,
                                       quant_type="nf4", compress_statistics=True, device="meta")  # fmt: skip
                 q.weight = bnb.nn.Params4bit(lin.weight.data.cpu(), requires_grad=False, quant_type="nf4", compress_statistics=True)
@@ -452,7 +447,7 @@ def train(cfg: FinetuneConfig, *, resume: bool = False, log: Callable[[str], Non
 
     if cfg.method == "qlora":  # loaded on the CPU; each projection goes to the device as NF4
         log(f"qlora: {to_nf4(model, device)} projections in NF4")
-        model.to(_torch_device(device))
+        model.to(as_torch_device(device))
     if cfg.method in ("lora", "qlora", "dpo"):
         add_lora(model, cfg)
     model.gradient_checkpointing = cfg.grad_checkpoint

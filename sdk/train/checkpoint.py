@@ -19,6 +19,7 @@ import os
 import shutil
 from typing import Any, Callable
 
+from hanlin.backends.files import replace_folder
 from hanlin.train.shards import sha256_file
 
 PREFIX = "step-"
@@ -63,9 +64,7 @@ def seal(tmp: str, final: str, meta: dict[str, Any]) -> None:
         json.dump({"files": files}, f, indent=2)
         f.flush()
         os.fsync(f.fileno())
-    if os.path.exists(final):  # an older save of the same step (a rerun): replaced, never merged
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    replace_folder(tmp, final, prefix=".tmp-")  # an older save of the same step (a rerun): replaced, never merged
     _fsync_dir(os.path.dirname(final))
 
 

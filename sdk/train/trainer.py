@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from hanlin.backends.base import ConfigError
+from hanlin.backends.torch.engine import as_torch_device
 from hanlin.train import checkpoint as C
 from hanlin.train.config import TrainConfig
 from hanlin.train.shards import TokenShards
@@ -202,7 +203,7 @@ def run(cfg: TrainConfig, *, resume: str = "never", log: Callable[[str], None] |
     model = build_model(cfg, shards, cfg.train.seed)
     if cfg.train.grad_checkpointing:
         model.gradient_checkpointing = True
-    device = torch.device("cpu") if dev.kind == "cpu" else torch.device(dev.spec())
+    device = as_torch_device(dev)
     dtype = _dtype(cfg, dev)
     n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     fpt = M.flops_per_token(model, cfg.data.seq_len)
