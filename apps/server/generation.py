@@ -91,17 +91,7 @@ class ChoiceResult:
 async def stream_choice(state: Any, prompt_ids: Sequence[int], config: GenerationConfig, top_logprobs: int = 0) -> AsyncIterator[TokenEvent]:
     """One choice's TokenEvents as the scheduler produces them; the last has finish_reason.
     Leaving early (a stop string, a client gone) frees the request's slot."""
-    engine = state.llm.engine
-    check_prompt_fits(len(prompt_ids), engine.context_length, config)
-    room = engine.context_length - len(prompt_ids)
-    max_new = min(config.max_tokens or room, room)
-    state.scheduler.check(config)
-    try:
-        ticket = state.scheduler.submit(prompt_ids, config, max_new, top_logprobs, loop=asyncio.get_running_loop())
-    except QueueFull as e:
-        raise APIError(429, str(e), type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from None
-    state.metrics.prompt_tokens.inc(len(prompt_ids))
-    policy = StopPolicy(token_bytes=engine.token_bytes, eos_ids=engine.eos_token_ids, config=config, room=room)
+    ticket, policy = submit(state, prompt_ids, config, top_logprobs, loop=asyncio.get_running_loop())
     deadline = time.monotonic() + state.settings.request_timeout
     try:
         while True:
@@ -110,18 +100,38 @@ async def stream_choice(state: Any, prompt_ids: Sequence[int], config: Generatio
             except asyncio.TimeoutError:
                 yield TokenEvent(policy.pending, None, None, "length")  # request_timeout: cut off
                 return
-            if item is None:
-                yield policy.end()
-                return
-            if isinstance(item, BaseException):
-                raise item
-            state.metrics.generation_tokens.inc()
-            event = policy.feed(item)
+            event = next_event(state, policy, item)
             yield event
             if event.finish_reason:
                 return
     finally:
         ticket.cancel()  # a no-op for a request that ended; frees the slot of one that did not
+
+
+def submit(state: Any, prompt_ids: Sequence[int], config: GenerationConfig, top_logprobs: int = 0, loop: Any = None) -> tuple[Any, StopPolicy]:
+    """Queue one generation on the scheduler (a full queue is a 429 with Retry-After); returns
+    its ticket and the StopPolicy that turns its tokens into TokenEvents."""
+    engine = state.llm.engine
+    check_prompt_fits(len(prompt_ids), engine.context_length, config)
+    room = engine.context_length - len(prompt_ids)
+    state.scheduler.check(config)
+    try:
+        ticket = state.scheduler.submit(prompt_ids, config, min(config.max_tokens or room, room), top_logprobs, loop=loop)
+    except QueueFull as e:
+        raise APIError(429, str(e), type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from None
+    state.metrics.prompt_tokens.inc(len(prompt_ids))
+    return ticket, StopPolicy(token_bytes=engine.token_bytes, eos_ids=engine.eos_token_ids, config=config, room=room)
+
+
+def next_event(state: Any, policy: StopPolicy, item: Any) -> TokenEvent:
+    """One item from a ticket's queue as a TokenEvent: None (the tokens ran out) is the last
+    event, an exception from the scheduler is raised, a token goes through the StopPolicy."""
+    if item is None:
+        return policy.end()
+    if isinstance(item, BaseException):
+        raise item
+    state.metrics.generation_tokens.inc()
+    return policy.feed(item)
 
 
 async def run_choices(state: Any, prompt_ids: Sequence[int], config: GenerationConfig, n: int, top_logprobs: int = 0) -> list[ChoiceResult]:
@@ -274,16 +284,7 @@ class SchedulerLLM:
             raise Cancelled()
         if not ids:
             raise ConfigError("the prompt is empty: give at least one token")
-        engine = self.engine
-        check_prompt_fits(len(ids), engine.context_length, config)
-        room = engine.context_length - len(ids)
-        state.scheduler.check(config)
-        try:
-            ticket = state.scheduler.submit(ids, config, min(config.max_tokens or room, room))
-        except QueueFull as e:
-            raise APIError(429, str(e), type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from None
-        state.metrics.prompt_tokens.inc(len(ids))
-        policy = StopPolicy(token_bytes=engine.token_bytes, eos_ids=engine.eos_token_ids, config=config, room=room)
+        ticket, policy = submit(state, ids, config)
         try:
             while True:
                 if self.cancelled.is_set():
@@ -295,13 +296,7 @@ class SchedulerLLM:
                     item = ticket.out.get(timeout=min(left, 0.5))
                 except queue.Empty:
                     continue
-                if item is None:
-                    yield policy.end()
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                state.metrics.generation_tokens.inc()
-                event = policy.feed(item)
+                event = next_event(state, policy, item)
                 yield event
                 if event.finish_reason:
                     return
