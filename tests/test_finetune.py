@@ -234,8 +234,9 @@ print(json.dumps({"predicted": r.plan_peak, "measured": r.peak_rss}))
 """
 
 
-@pytest.mark.parametrize("method", ["lora", "qlora", "full"])
-@pytest.mark.parametrize("seq", [128, 512])
+# every method once, both regimes: at 128 tokens the weights and optimizer dominate the peak,
+# at 512 the activations do (all six pairs took ~2.5 minutes of CI; each has passed)
+@pytest.mark.parametrize("method,seq", [("lora", 128), ("qlora", 512), ("full", 512)])
 def test_planner_predicts_peak_memory_within_15_percent(tmp_path, default_model_path, method, seq):
     words = " ".join(f"word{i}" for i in range(400))
     rows = [{"instruction": f"Count, part {k}.", "output": words} for k in range(8)]  # longer than seq: every sequence full

@@ -108,10 +108,12 @@ def test_int4_holds_a_q4_1_model_exactly_with_fused_projections(tmp_path, defaul
     bits = sorted(next(a.i for a in n.attribute if a.name == "bits") for n in nbits)
     # per layer: q/k/v as one node, o_proj, gate/up as one node, down_proj; then the lm_head at int8
     assert bits == [4] * (4 * model.config.n_layers) + [8], bits
-    # gate/up split; q/k/v go to attention packed, unless a bias is added to each after the split (qwen2)
-    assert len([n for n in g.node if n.op_type == "Split"]) == (2 if model.config.qkv_bias else 1) * model.config.n_layers
-    assert all((list(n.input[1:3]) == ["", ""]) != model.config.qkv_bias for n in g.node if n.op_type == "GroupQueryAttention")
-    assert len([n for n in g.node if n.op_type == "Sum"]) == 2 * model.config.n_layers, "o_proj and down_proj offsets join the residual add"
+    # gate/up split; q/k/v go to attention packed, their biases (qwen2) summed in before
+    assert len([n for n in g.node if n.op_type == "Split"]) == model.config.n_layers
+    assert all(list(n.input[1:3]) == ["", ""] for n in g.node if n.op_type == "GroupQueryAttention")
+    assert len([n for n in g.node if n.op_type == "Add"]) == (1 if model.config.qkv_bias else 2) * model.config.n_layers
+    sums = (3 if model.config.qkv_bias else 2) * model.config.n_layers
+    assert len([n for n in g.node if n.op_type == "Sum"]) == sums, "o_proj and down_proj offsets join the residual add"
     eng = OnnxEngine.load(out, CPU, ctx_size=32)
     assert eng.metadata()["quant"] == "int4"
     got, want = eng.logits(IDS), torch_logits(model)

@@ -420,6 +420,10 @@ def quantize_block_offsets(path: str) -> None:
         nodes += [helper.make_node("MatMulNBits", [x, names[0], names[1]], [y + "_main"], name=y + "_main", domain="com.microsoft",
                                    K=K, N=N, bits=4, block_size=BLOCK, accuracy_level=4),
                   helper.make_node("MatMul", [sums, names[2]], [y + "_offset"], name=y + "_offset")]  # fmt: skip
+        outs = [n.output[0] for n in members]
+        adds = [_bias_add(o, consumers, weights) for o in outs]  # qwen2: q/k/v each get a bias after the MatMul
+        heads = [a.output[0] for a in adds] if all(adds) else outs
+        gqa = [u for u in consumers.get(heads[0], []) if u.op_type == "GroupQueryAttention"]
         users = consumers.get(y, [])
         if len(members) == 1 and len(users) == 1 and users[0].op_type == "Add":  # a residual add: one Sum of three
             add = users[0]
@@ -427,17 +431,24 @@ def quantize_block_offsets(path: str) -> None:
             add.op_type = "Sum"
             del add.input[:]
             add.input.extend([other, y + "_main", y + "_offset"])
+        elif len(members) == 3 and len(gqa) == 1 and list(gqa[0].input[:3]) == heads and all(len(consumers[h]) == 1 for h in heads):
+            # q/k/v: GroupQueryAttention takes them packed (key and value left empty): no Split,
+            # and their biases, if any, are one more term of the sum
+            terms = [y + "_main", y + "_offset"]
+            if heads is not outs:
+                biases = [next(i for i in a.input if i in weights) for a in adds]
+                graph.initializer.append(numpy_helper.from_array(np.concatenate([numpy_helper.to_array(weights[b]).astype(np.float32) for b in biases]), y + "_bias"))
+                terms.append(y + "_bias")
+                removed.update(id(a) for a in adds)
+                used.update(biases)
+            nodes.append(helper.make_node("Sum" if len(terms) > 2 else "Add", terms, [y], name=y + "_add"))
+            gqa[0].input[0], gqa[0].input[1], gqa[0].input[2] = y, "", ""
         else:
             nodes.append(helper.make_node("Add", [y + "_main", y + "_offset"], [y], name=y + "_add"))
-        outs = [n.output[0] for n in members]
-        gqa = [u for u in consumers.get(outs[0], []) if u.op_type == "GroupQueryAttention"]
-        if len(members) == 3 and len(gqa) == 1 and list(gqa[0].input[:3]) == outs and all(len(consumers[o]) == 1 for o in outs):
-            # q/k/v: GroupQueryAttention takes them packed (key and value left empty), no Split
-            gqa[0].input[0], gqa[0].input[1], gqa[0].input[2] = y, "", ""
-        elif len(members) > 1:
-            split = base + "_split"
-            graph.initializer.append(numpy_helper.from_array(np.array([w.shape[1] for w in ws], np.int64), split))
-            nodes.append(helper.make_node("Split", [y, split], outs, name=split, axis=-1))
+            if len(members) > 1:
+                split = base + "_split"
+                graph.initializer.append(numpy_helper.from_array(np.array([w.shape[1] for w in ws], np.int64), split))
+                nodes.append(helper.make_node("Split", [y, split], outs, name=split, axis=-1))
         inserted[id(members[0])] = nodes
         removed.update(id(n) for n in members)
         used.update(n.input[1] for n in members)
@@ -452,6 +463,14 @@ def quantize_block_offsets(path: str) -> None:
     del graph.initializer[:]
     graph.initializer.extend(kept)
     _save(model, path)
+
+
+def _bias_add(output: str, consumers: dict, weights: dict):
+    """The Add that puts a constant bias on `output`, when that is its only use; else None."""
+    users = consumers.get(output, [])
+    if len(users) == 1 and users[0].op_type == "Add" and any(i in weights and len(weights[i].dims) == 1 for i in users[0].input):
+        return users[0]
+    return None
 
 
 def pack_nibbles(a):
