@@ -125,7 +125,11 @@ def test_chat_settings_panel(snap, make_app, size):
     async def open_settings(pilot):
         pilot.app.open_task("chat")
         await pilot.pause()
+        chat = pilot.app.screen
+        await wait_until(pilot, lambda: len(chat.sidebar_ids) == 2, 10, "the sidebar")  # it loads on a worker thread
         await pilot.press("f3")
+        await pilot.pause()
+        await pilot.wait_for_scheduled_animations()  # focusing the system prompt scrolls the panel
         await pilot.pause()
 
     assert snap(make_app(loaded=True), terminal_size=size, run_before=open_settings)
