@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,8 +31,6 @@ def folder_written_at(out: str, *, prefix: str = ".hanlin-") -> Iterator[str]:
     """written_at for a folder: yield an empty temporary folder beside `out`; when the block
     ends normally it takes out's place (an older `out` is moved aside first and removed only
     after the new one is in place), when it raises the temporary folder is removed."""
-    import shutil
-
     out = os.path.abspath(out.rstrip("/"))
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
@@ -50,8 +49,6 @@ def replace_folder(new: str, out: str, *, prefix: str = ".hanlin-") -> None:
     """Rename the finished folder `new` to `out` (same parent). An older `out` is moved aside
     first and removed only once the new one is in place, so at every moment one complete
     folder sits at `out` or beside it: a crash in between never loses both."""
-    import shutil
-
     old = None
     if os.path.exists(out):
         old = tempfile.mkdtemp(prefix=prefix + "old-", dir=os.path.dirname(os.path.abspath(out)))

@@ -34,11 +34,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from hanlin.backends.base import ConfigError, ModelError
+from hanlin.backends.torch.engine import as_torch_device
+from hanlin.backends.torch.lora import ADAPTER_DIR, MODEL_DIR, RUN_FILE  # what chat and merge read back
 from hanlin.finetune.config import FinetuneConfig
 
 CHUNK = 256  # lm_head rows per loss chunk: a few CHUNK x V float buffers live at once (50 MiB each at V=49152)
-from hanlin.backends.torch.engine import as_torch_device
-from hanlin.backends.torch.lora import ADAPTER_DIR, MODEL_DIR, RUN_FILE  # what chat and merge read back
 
 LOG_FILE = "log.jsonl"
 CKPT_PREFIX = "checkpoint-"
@@ -148,14 +148,13 @@ def to_nf4(model, device) -> int:
     import bitsandbytes as bnb
     import torch
 
-    swapped = 0
+    dev, swapped = as_torch_device(device), 0
     for block in model.layers:
         for parent in (block.self_attn, block.mlp):
             for name in PROJECTIONS:
                 lin = getattr(parent, name, None)
                 if not isinstance(lin, torch.nn.Linear):
                     continue
-                dev = as_torch_device(device)
                 q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None, compute_dtype=lin.weight.dtype,
                                       quant_type="nf4", compress_statistics=True, device="meta")  # fmt: skip
                 q.weight = bnb.nn.Params4bit(lin.weight.data.cpu(), requires_grad=False, quant_type="nf4", compress_statistics=True)
