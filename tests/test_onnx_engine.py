@@ -99,15 +99,20 @@ def snap_to_q4_1(model) -> None:
 
 
 @pytest.mark.parametrize("arch,tie", [("llama", True), ("qwen2", False)], ids=["llama-tied", "qwen2"])
-def test_int4_holds_a_q4_1_model_exactly_with_fused_projections(tmp_path, default_model_path, arch, tie):
+def test_int4_holds_a_q4_1_model_with_fused_projections(tmp_path, default_model_path, arch, tie):
     model = tiny(arch, tie)
     snap_to_q4_1(model)
     out = export_onnx(model, str(tmp_path / "q4"), quant="int4", tokenizer_from=default_model_path)
     g = onnx.load(os.path.join(out, "model.onnx"), load_external_data=False).graph
     nbits = [n for n in g.node if n.op_type == "MatMulNBits"]
     bits = sorted(next(a.i for a in n.attribute if a.name == "bits") for n in nbits)
-    # per layer: q/k/v as one node, o_proj, gate/up as one node, down_proj; then the lm_head at int8
-    assert bits == [4] * (4 * model.config.n_layers) + [8], bits
+    # per layer: q/k/v as one node, o_proj, gate/up as one node, down_proj, each with its
+    # offsets as an 8-bit product (K = the input's block count); then the lm_head at int8
+    assert bits == [4] * (4 * model.config.n_layers) + [8] * (4 * model.config.n_layers + 1), bits
+    offsets = [n for n in nbits if n.name.endswith("_offset")]
+    assert len(offsets) == 4 * model.config.n_layers
+    assert all(next(a.i for a in n.attribute if a.name == "K") * 32 == next(a.i for a in m.attribute if a.name == "K")
+               for n in offsets for m in nbits if m.name == n.name[: -len("_offset")] + "_main")  # fmt: skip
     # gate/up split; q/k/v go to attention packed, their biases (qwen2) summed in before
     assert len([n for n in g.node if n.op_type == "Split"]) == model.config.n_layers
     assert all(list(n.input[1:3]) == ["", ""] for n in g.node if n.op_type == "GroupQueryAttention")
@@ -117,11 +122,28 @@ def test_int4_holds_a_q4_1_model_exactly_with_fused_projections(tmp_path, defaul
     eng = OnnxEngine.load(out, CPU, ctx_size=32)
     assert eng.metadata()["quant"] == "int4"
     got, want = eng.logits(IDS), torch_logits(model)
-    # the weights are held exactly: what differs is the kernel's int8 activations (and the int8 lm_head)
+    # the 4-bit codes and scales are held exactly, the offsets to 8 bits; the rest is the kernel's int8
+    # activations (and the int8 lm_head)
     assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.995
     rtn = OnnxEngine.load(export_onnx(model, str(tmp_path / "rtn"), quant="int4-rtn", tokenizer_from=default_model_path), CPU, ctx_size=32)
     err, err_rtn = np.abs(got - want).mean(), np.abs(rtn.logits(IDS) - want).mean()
     assert err < 0.5 * err_rtn, (err, err_rtn)  # integer zero points cannot hold the same grid
+
+
+def test_offsets_int8_round_each_column_to_half_a_step():
+    from hanlin.backends.cpu.onnx_export import offsets_int8
+
+    rng = np.random.default_rng(0)
+    for G in (18, 32, 48):  # one block padded, one full block, a full one and a padded one
+        c = (rng.standard_normal((G, 40)) * rng.uniform(0.01, 10, (1, 40))).astype(np.float32)
+        c[:, 7] = 0  # an all-zero column keeps a usable scale
+        q, s = offsets_int8(c)
+        assert q.shape == (40, -(-G // 32), 32) and s.shape == (40, -(-G // 32)) and q.dtype == np.uint8
+        back = ((q.astype(np.float32) - 128) * s[..., None]).reshape(40, -1)[:, :G].T
+        step = np.repeat(s, 32, axis=1)[:, :G].T
+        assert np.all(np.abs(back - c) <= step / 2 + 1e-7), np.abs(back - c).max()
+        assert np.all(q.reshape(40, -1)[:, G:] == 128), "padding holds zeros"
+        assert np.all(back[:, 7] == 0)
 
 
 def test_block_offsets_reproduce_a_q4_1_grid_and_round_a_float_one():

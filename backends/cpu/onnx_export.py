@@ -25,12 +25,13 @@ step went to the ~20 elementwise ops per layer that spelled out RoPE and RMSNorm
 
 Weights, as onnxruntime's MatMulNBits in blocks of 32 values along K:
 - "fp32" as traced; "int8" symmetric round-to-nearest (the Q8_0 layout, onnxruntime's quantizer).
-- "int4" (the default): every projection at 4 bits with a float scale AND a float offset per
+- "int4" (the default): every projection at 4 bits with a float scale AND an offset per
   block, w = d * (q - 8) + c: the Q4_1 layout llama.cpp uses, which holds a block's range
-  exactly where an integer zero point cannot (see quantize_block_offsets). MatMulNBits takes
-  the d * (q - 8) part (its fast symmetric kernel); the offsets add blocksum(x) @ C, a small
-  float product, as llama.cpp's Q4_1 x Q8_1 dot product adds m * sum(x). Projections that
-  share an input (q/k/v, gate/up) are one node. The lm_head is int8 (Q8_0's layout).
+  where an integer zero point cannot (see quantize_block_offsets). MatMulNBits takes the
+  d * (q - 8) part (its fast symmetric kernel); the offsets add blocksum(x) @ C, as
+  llama.cpp's Q4_1 x Q8_1 dot product adds m * sum(x): a small product whose C (one value per
+  block and column) is itself an 8-bit MatMulNBits. Projections that share an input (q/k/v,
+  gate/up) are one node. The lm_head is int8 (Q8_0's layout).
 - "int4-gptq": GPTQ (gptq.py; calibrated) with integer zero points, every projection and
   the lm_head at 4 bits: the fastest, the least accurate on the default model.
 - "int4-rtn": symmetric round-to-nearest with v_proj, down_proj and the lm_head at int8.
@@ -368,19 +369,25 @@ def _save(model: Any, path: str) -> None:
 
 
 # int4, measured on the default model (WikiText-2): on the quant report's 4096 scored tokens
-# (float 23.604) this layout 23.656 (+0.22%, KL 0.0032, top-1 95.8%), int4-rtn 25.409 (+7.6%),
-# int4-gptq 26.485 (+12.2%). The default model is Q4_1 with a Q8_0 embedding, which this layout
-# and the int8 lm_head hold exactly: what is left is the kernel's int8 activations (the GGUF
-# itself in llama.cpp: +0.21%). The lm_head in this layout at 4 bits instead: +5.6% (2048
-# tokens). A model that starts in float gets llama.cpp's Q4_1 round-to-nearest (block minimum
-# and maximum). The offsets are 8 small float products a layer: decode ran 0.87-0.92x
-# llama.cpp's Q4_1 here (two runs), int4-gptq (no offsets, a 4-bit lm_head) 1.11x, this layout
-# with the lm_head at 4 bits too 0.96x (tools/bench_decode.py, same runs).
+# (float 23.604) this layout with float offsets 23.656 (+0.22%, KL 0.0032, top-1 95.8%),
+# int4-rtn 25.409 (+7.6%), int4-gptq 26.485 (+12.2%). The default model is Q4_1 with a Q8_0
+# embedding: the 4-bit codes, the scales and the int8 lm_head hold it exactly; what is left is
+# the kernel's int8 activations (the GGUF itself in llama.cpp: +0.21%). The lm_head in this
+# layout at 4 bits instead: +5.6% (2048 tokens). A model that starts in float gets llama.cpp's
+# Q4_1 round-to-nearest (block minimum and maximum).
+# The offsets' product was a float MatMul: it read C as float32, 13 MB a token on the default
+# model (a quarter of the 4-bit weights' 53 MB), and took 17% of a decode step's kernel time
+# (ONNX Runtime's profiler; the block sums another 7%). As an 8-bit MatMulNBits
+# (offsets_int8) it reads a quarter of that: decode went from 0.93x to 1.02-1.07x llama.cpp's
+# Q4_1 (tools/bench_decode.py, two runs, all rows in each). The 8-bit rounding costs no more
+# than any change of this size: against float offsets, KL 0.0042 on 1792 WikiText-2 tokens,
+# where moving every C by a random 0.04% of its column's largest value gives 0.0036 and 0.4%
+# gives 0.0041 (the floor the int8 activations' rounding sets); perplexity 21.50 against 21.54.
 def quantize_block_offsets(path: str) -> None:
-    """int4: every projection as w = d * (q - 8) + c per block of 32 (d, c float), run as
-    MatMulNBits (d, q) plus blocksum(x) @ C; projections sharing an input fused into one node
-    and split after (q/k/v go to GroupQueryAttention packed, unsplit); the lm_head int8
-    (onnxruntime's quantizer)."""
+    """int4: every projection as w = d * (q - 8) + c per block of 32 (d float, c at 8 bits),
+    run as MatMulNBits (d, q) plus blocksum(x) @ C (an 8-bit MatMulNBits); projections sharing
+    an input fused into one node and split after (q/k/v go to GroupQueryAttention packed,
+    unsplit); the lm_head int8 (onnxruntime's quantizer)."""
     import numpy as np
     import onnx
     from onnx import helper, numpy_helper
@@ -413,13 +420,15 @@ def quantize_block_offsets(path: str) -> None:
         q, d, c = _block_offsets(np.concatenate(ws, axis=1).T)  # (N, K) as (N, K) uint8, (N, G), (N, G)
         N = q.shape[0]
         base = members[0].output[0]
-        names = [base + "_Q4", base + "_scales", base + "_offsets"]
-        graph.initializer.extend([numpy_helper.from_array(pack_nibbles(q).reshape(N, G, BLOCK // 2), names[0]),
-                                  numpy_helper.from_array(d, names[1]), numpy_helper.from_array(np.ascontiguousarray(c.T), names[2])])  # fmt: skip
+        names = [base + "_Q4", base + "_scales", base + "_offsets_Q8", base + "_offsets_scales"]
+        c8, s8 = offsets_int8(c.T)
+        graph.initializer.extend([numpy_helper.from_array(pack_nibbles(q).reshape(N, G, BLOCK // 2), names[0]), numpy_helper.from_array(d, names[1]),
+                                  numpy_helper.from_array(c8, names[2]), numpy_helper.from_array(s8, names[3])])  # fmt: skip
         y = base + "_fused" if len(members) > 1 else base
         nodes += [helper.make_node("MatMulNBits", [x, names[0], names[1]], [y + "_main"], name=y + "_main", domain="com.microsoft",
                                    K=K, N=N, bits=4, block_size=BLOCK, accuracy_level=4),
-                  helper.make_node("MatMul", [sums, names[2]], [y + "_offset"], name=y + "_offset")]  # fmt: skip
+                  helper.make_node("MatMulNBits", [sums, names[2], names[3]], [y + "_offset"], name=y + "_offset", domain="com.microsoft",
+                                   K=G, N=N, bits=8, block_size=BLOCK, accuracy_level=4)]  # fmt: skip
         outs = [n.output[0] for n in members]
         adds = [_bias_add(o, consumers, weights) for o in outs]  # qwen2: q/k/v each get a bias after the MatMul
         heads = [a.output[0] for a in adds] if all(adds) else outs
@@ -483,6 +492,23 @@ def pack_nibbles(a):
     if a.shape[-1] % 2:
         a = np.concatenate([a, np.zeros(a.shape[:-1] + (1,), np.uint8)], axis=-1)
     return a[..., 0::2] | (a[..., 1::2] << 4)
+
+
+def offsets_int8(c):
+    """The offsets C (G, N) float32 -> MatMulNBits' 8-bit layout: q (N, ceil(G/32), 32) uint8
+    and s (N, ceil(G/32)) float32 with C ~ s * (q - 128), symmetric per column and block of 32
+    offsets (G padded with zeros): each value within half a step, max|C| / 254, of its own."""
+    import numpy as np
+
+    G, N = c.shape
+    blocks = -(-G // BLOCK)
+    padded = np.zeros((blocks * BLOCK, N), np.float32)
+    padded[:G] = c
+    cols = padded.T.reshape(N, blocks, BLOCK)
+    s = np.abs(cols).max(-1) / 127
+    s = np.where(s > 0, s, 1.0).astype(np.float32)
+    q = (np.clip(np.round(cols / s[..., None]), -127, 127) + 128).astype(np.uint8)
+    return q, s
 
 
 def _block_offsets(w):
