@@ -1,6 +1,7 @@
 """Decode speed of every engine on the same model, prompt and settings, in one run.
 
     python tools/bench_decode.py [--model NAME_OR_GGUF] [--tokens 128] [--runs 5] [--rows ...] [--folder ROW=PATH ...]
+                                 [--small-pages ROW ...]
 
 Two parts, printed as one JSON object:
 
@@ -17,7 +18,9 @@ Two parts, printed as one JSON object:
    transformers, batch-8 aggregate >= 4x torch float32 single. Where an NVIDIA GPU is at
    hand, the same rows in bfloat16 on CUDA (torch, transformers, torch batch of 8), with the
    GPU's peak allocated memory. `--folder onnx_int4=PATH` adds a row for an exported folder
-   (ONNX or OpenVINO, run by its own engine) and its ratio to the llama_cpp row (target >= 1).
+   (ONNX or OpenVINO, run by its own engine) and its ratio to the llama_cpp row (target >= 1);
+   `--small-pages onnx_int4` runs that folder again with HANLIN_HUGE_PAGES=0 (4 KiB pages
+   under its weights, backends/hugepages.py) and prints the huge pages' gain.
 
 All rows decode greedily with repeat_penalty 1.0, so they produce the same kind of work.
 """
@@ -46,6 +49,7 @@ BATCH_PROMPTS = [
 ]
 ROWS = ["llama_cpp", "torch_float32", "torch_bfloat16", "transformers_float32", "torch_float32_batch8",
         "torch_cuda_bfloat16", "transformers_cuda_bfloat16", "torch_cuda_bfloat16_batch8"]  # fmt: skip
+SMALL = "_small_pages"  # a --small-pages row: the same folder with HANLIN_HUGE_PAGES=0
 CUDA_ROWS = [r for r in ROWS if "_cuda_" in r]  # run where an NVIDIA GPU is at hand, reported as skipped elsewhere
 
 
@@ -221,11 +225,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}, or 'none'")
     ap.add_argument("--folder", action="append", default=[], metavar="ROW=PATH",
                     help="an extra row: an exported model folder (e.g. onnx_int4=smol-onnx-int4), run by its own engine; repeatable")
+    ap.add_argument("--small-pages", action="append", default=[], metavar="ROW",
+                    help="also run the --folder row ROW with HANLIN_HUGE_PAGES=0 (as row ROW_small_pages): the huge-pages gain, same run")
     ap.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row in this process
     args = ap.parse_args(argv)
     folders = dict(f.split("=", 1) for f in args.folder if "=" in f)
     if len(folders) != len(args.folder):
         ap.error("--folder takes ROW=PATH, e.g. onnx_int4=smol-onnx-int4")
+    for row in args.small_pages:
+        if row not in folders:
+            ap.error(f"--small-pages {row}: no --folder {row}=PATH row to run again")
+        if not row.endswith(SMALL):
+            folders[row + SMALL] = folders[row]
+            args.folder.append(f"{row + SMALL}={folders[row]}")
 
     if args.row:
         out = run_row(args.row, args.model, args.tokens, args.runs, args.ctx_size, folders.get(args.row))
@@ -271,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         for row in rows:
             cmd = [sys.executable, os.path.abspath(__file__), "--row", row, "--model", args.model, "--tokens", str(args.tokens),
                    "--runs", "1", "--ctx-size", str(args.ctx_size)] + [f"--folder={f}" for f in args.folder]  # fmt: skip
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            env = dict(os.environ, HANLIN_HUGE_PAGES="0") if row.endswith(SMALL) else None
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if proc.returncode != 0:
                 samples[row].append({"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"})
             else:
@@ -303,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         if rate(name) and rate("llama_cpp"):
             x = rate(name) / rate("llama_cpp")
             result[f"{name}_vs_llama_cpp"] = {"ratio": round(x, 3), "target": 1.0, "meets_target": x >= 1.0}
+        if name.endswith(SMALL) and rate(name) and rate(name[: -len(SMALL)]):
+            result[f"{name[: -len(SMALL)]}_huge_pages_gain"] = round(rate(name[: -len(SMALL)]) / rate(name), 3)
     print(json.dumps(result, indent=2))
     return 0
 
