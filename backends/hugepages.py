@@ -40,7 +40,7 @@ OFF = ("0", "false", "no", "off")  # HANLIN_HUGE_PAGES values that turn it off
 @dataclass
 class HugePages:
     advised_mib: int = 0  # new anonymous memory asked to be backed by 2 MiB pages
-    collapsed_mib: int = 0  # how much more of the process's memory is on 2 MiB pages after the block
+    collapsed_mib: int = 0  # how much more of the process's memory is on 2 MiB pages than before the block
     seconds: float = 0.0
     reason: str = ""  # why less than all was done; "" when all was
 
@@ -114,6 +114,7 @@ def huge_pages(enabled: bool = True) -> Iterator[HugePages]:
     result = HugePages()
     why = "not asked for" if not enabled else unavailable()
     before = [] if why else anonymous_regions()
+    had = anon_huge_mib()
     yield result
     if why:
         result.reason = why
@@ -121,7 +122,6 @@ def huge_pages(enabled: bool = True) -> Iterator[HugePages]:
     import ctypes
 
     t = time.perf_counter()
-    had = anon_huge_mib()
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     errors = set()

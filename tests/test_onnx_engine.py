@@ -252,6 +252,25 @@ def test_auto_selection_and_metadata(onnx_llm, fp32_folder):
         assert json.load(f)["n_layers"] == 30
 
 
+def test_weights_on_huge_pages_change_no_number(onnx_llm, fp32_folder):
+    from hanlin.backends.hugepages import unavailable
+
+    ids = wikitext_ids(onnx_llm, 64)
+    small = OnnxEngine.load(fp32_folder, CPU, ctx_size=128, huge_pages=False)
+    assert small.metadata()["huge_pages_note"] == "not asked for" and small.metadata()["huge_pages_mib"] == 0
+    want = small.logits(ids)
+    small.close()
+    big = OnnxEngine.load(fp32_folder, CPU, ctx_size=128)  # the default
+    meta = big.metadata()
+    if unavailable():
+        assert meta["huge_pages_note"] == unavailable()
+    else:  # onnxruntime's packed weights moved (measured: 106 MiB of this fp32 model)
+        assert meta["huge_pages_mib"] >= 32, meta
+        assert "huge_pages_note" not in meta
+    np.testing.assert_array_equal(big.logits(ids), want)
+    big.close()
+
+
 def test_tokenizer_ids_equal_llama_cpp(onnx_llm, raw_llama):
     text = open(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "datasets", "wikitext2", "test.txt"), encoding="utf-8").read()[:20000]
     text += "<|im_start|>user\nhé 你好 🙂<|im_end|>"
