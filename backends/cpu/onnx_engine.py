@@ -76,9 +76,10 @@ class OnnxEngine(FolderEngine):
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3  # warnings about unused initializers etc. are not the user's business
-        # the packed weights and the cache on 2 MiB pages (backends/hugepages.py): on the default
-        # model's int4 export, decode 131-133 -> 150-156 tok/s in three pairs of runs, for ~0.8 s
-        # more load time (the pages are rebuilt once); HANLIN_HUGE_PAGES=0 or huge_pages=False: not
+        # the packed weights and the cache on 2 MiB pages (backends/hugepages.py): the default
+        # model's int4 export decoded 136.2 -> 149.2 and 119.1 -> 136.0 tok/s (two runs of
+        # tools/bench_decode.py --small-pages) for ~1.2 s more load time (the pages are moved
+        # once) and ~57 MB more peak RSS; HANLIN_HUGE_PAGES=0 or huge_pages=False: not
         with backends_huge_pages(huge_pages) as pages:
             session = ort.InferenceSession(os.path.join(path, "model.onnx"), opts, providers=["CPUExecutionProvider"])
             engine = cls(session, meta, path, device, ctx_size, threads)
