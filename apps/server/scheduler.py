@@ -120,9 +120,11 @@ class Scheduler:
             self.engine = llm.engine
             self.batching = _can_batch(self.engine)
             if self.batching:
+                from hanlin.backends.hugepages import huge_pages
                 from hanlin.backends.torch.batching import SlotBatch
 
-                self._batch = SlotBatch(self.engine.model, self.max_batch, self.engine.context_length)
+                with huge_pages(self.engine.device.kind == "cpu"):  # the slots' KV cache, as the engine's weights
+                    self._batch = SlotBatch(self.engine.model, self.max_batch, self.engine.context_length)
             elif getattr(self.engine, "name", None) == "gguf":  # llama.cpp sequences: several requests per decode
                 from hanlin.backends.gguf.batching import GGUFSlots
 

@@ -23,6 +23,7 @@ from hanlin.backends.base import (
     register,
     stream_tokens,
 )
+from hanlin.backends.hugepages import HugePages
 from hanlin.backends.tokenizer import HFTokenizer, LlamaCppTokenizer
 from hanlin.devices import Device
 from hanlin.devices.tools import installed
@@ -67,11 +68,17 @@ class TorchEngine(TokenizerMethods):
         return None
 
     @classmethod
-    def load(cls, path: str, device: Device, *, ctx_size: int | None = None, dtype: str = "auto", compile: bool = False, **_: Any) -> "TorchEngine":
+    def load(cls, path: str, device: Device, *, ctx_size: int | None = None, dtype: str = "auto", compile: bool = False,
+             huge_pages: bool = True, **_: Any) -> "TorchEngine":  # fmt: skip
+        from hanlin.backends.hugepages import huge_pages as on_huge_pages
 
-        model, tok, meta = load_parts(path, device, _pick_dtype(dtype, device))
-        ctx_size, _ = check_load_options(ctx_size, None, trained=model.config.max_seq_len, default_max=DEFAULT_MAX_CTX, device=device)
-        return cls(model, tok, meta, path, device, ctx_size, compile=compile)
+        # on the CPU, the weights (packed at __init__) on 2 MiB pages: see backends/hugepages.py
+        with on_huge_pages(huge_pages and device.kind == "cpu") as pages:
+            model, tok, meta = load_parts(path, device, _pick_dtype(dtype, device))
+            ctx_size, _ = check_load_options(ctx_size, None, trained=model.config.max_seq_len, default_max=DEFAULT_MAX_CTX, device=device)
+            engine = cls(model, tok, meta, path, device, ctx_size, compile=compile)
+        engine.huge_pages = pages
+        return engine
 
     def __init__(self, model: Any, tokenizer: Any, meta: dict[str, Any], path: str, device: Device, ctx_size: int, *, compile: bool = False):
         from hanlin.backends.torch.generate import CompiledDecode, KVCache
@@ -92,6 +99,7 @@ class TorchEngine(TokenizerMethods):
         self._cache = KVCache(model, 1, ctx_size, param.dtype, param.device)
         self._step = CompiledDecode(model, self._cache) if compile else None
         self.packed_linears = 0
+        self.huge_pages = HugePages(reason="not asked for")  # load() fills it in
         self._grammars = None
         if not compile and param.device.type == "cpu":
             from hanlin.backends.torch.cpu_pack import pack_linears
@@ -99,7 +107,8 @@ class TorchEngine(TokenizerMethods):
             self.packed_linears = pack_linears(model)  # oneDNN-packed weights: 2-3x faster linears, see cpu_pack.py
 
     def metadata(self) -> dict[str, Any]:
-        return dict(self._meta, architecture=self.model.config.arch, context_length=self.model.config.max_seq_len)
+        pages = self.huge_pages.as_dict() if self.device.kind == "cpu" else {}
+        return dict(self._meta, architecture=self.model.config.arch, context_length=self.model.config.max_seq_len, **pages)
 
     def generate(self, prompt_ids: Sequence[int], config: GenerationConfig) -> Iterator[TokenEvent]:
         from hanlin.backends.torch.generate import generate_one
