@@ -399,3 +399,19 @@ def test_the_cpu_engine_runs_on_packed_weights(native):
     if not cpu_pack.available():
         pytest.skip("this torch build has no oneDNN linear packing")
     assert native.engine.packed_linears == 7 * native.engine.model.config.n_layers + 1
+
+
+def test_cpu_weights_on_huge_pages_change_no_number(native, default_model_path):
+    from hanlin.backends.hugepages import unavailable
+
+    ids = native.tokenize("The lighthouse keeper climbed the stairs at dusk, as every evening.")
+    meta = native.engine.metadata()  # the default: asked for
+    if unavailable():
+        assert meta["huge_pages_note"] == unavailable()
+    else:  # the packed float32 weights (~540 MB) moved, not just a few pages
+        assert meta["huge_pages_mib"] >= 256, meta
+    small = hanlin.load(default_model_path, device="cpu", engine="torch", huge_pages=False)
+    assert small.engine.metadata()["huge_pages_note"] == "not asked for"
+    want = small.engine.score_tokens(ids).logprobs
+    small.close()
+    assert native.engine.score_tokens(ids).logprobs == want
