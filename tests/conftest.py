@@ -11,6 +11,12 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# Engines move their weights onto 2 MiB pages at load (backends/hugepages.py): 0.4-2.7 s a load
+# for a decode speed no test measures, over dozens of loads. The suite runs without it (servers
+# and CLIs it starts inherit this); tests/test_hugepages.py and the onnx and torch engines' huge
+# pages tests turn it back on and check the numbers do not change.
+os.environ.setdefault("HANLIN_HUGE_PAGES", "0")
+
 
 @pytest.fixture(scope="session")
 def default_model_path() -> str:

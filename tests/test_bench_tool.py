@@ -25,3 +25,11 @@ def test_bench_decode_prints_json_with_baseline(default_model_path):
     assert sdk["generated_tokens"] == 16
     row = data["rows"]["torch_float32"]
     assert row["tok_s"] > 0 and row["peak_rss_mb"] > 100 and row["generated_tokens"] == 16
+
+
+def test_bench_decode_small_pages_needs_its_folder_row():
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "bench_decode.py"), "--rows", "none", "--small-pages", "onnx_int4"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 2 and "--small-pages onnx_int4: no --folder onnx_int4=PATH row" in out.stderr, out.stderr

@@ -54,7 +54,8 @@ def test_turned_off_says_so_and_touches_nothing(monkeypatch):
     assert block.sum() == 8 << 20
 
 
-def test_memory_allocated_inside_moves_to_huge_pages_with_its_contents():
+def test_memory_allocated_inside_moves_to_huge_pages_with_its_contents(monkeypatch):
+    monkeypatch.delenv("HANLIN_HUGE_PAGES", raising=False)  # conftest turns it off for the suite
     why = hugepages.unavailable()
     want = np.random.default_rng(0).standard_normal(12 << 20)  # 96 MiB of float64
     with huge_pages() as hp:

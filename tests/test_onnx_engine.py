@@ -252,9 +252,10 @@ def test_auto_selection_and_metadata(onnx_llm, fp32_folder):
         assert json.load(f)["n_layers"] == 30
 
 
-def test_weights_on_huge_pages_change_no_number(onnx_llm, fp32_folder):
+def test_weights_on_huge_pages_change_no_number(onnx_llm, fp32_folder, monkeypatch):
     from hanlin.backends.hugepages import unavailable
 
+    monkeypatch.delenv("HANLIN_HUGE_PAGES", raising=False)  # conftest turns it off for the suite
     ids = wikitext_ids(onnx_llm, 64)
     small = OnnxEngine.load(fp32_folder, CPU, ctx_size=128, huge_pages=False)
     assert small.metadata()["huge_pages_note"] == "not asked for" and small.metadata()["huge_pages_mib"] == 0
