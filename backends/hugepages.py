@@ -7,8 +7,8 @@
 Decoding a small model streams every weight once a token, so the CPU walks tens of
 thousands of 4 KiB pages a token and misses its TLB on most of them. With 2 MiB pages it
 walks 512x fewer. Most Linux machines run transparent huge pages in "madvise" mode (this
-one does): memory gets 2 MiB pages only where a program asks for them, and onnxruntime, glibc's
-malloc and numpy do not ask. The block above finds the anonymous memory that appeared
+one does): memory gets 2 MiB pages only where a program asks for them, and onnxruntime and
+glibc's malloc do not ask (numpy does, for arrays of 4 MiB and more). The block above finds the anonymous memory that appeared
 inside it (/proc/self/maps before and after), asks for huge pages there (MADV_HUGEPAGE) and
 rebuilds what is already filled in with them now (MADV_COLLAPSE, Linux 6.1+) instead of
 leaving it to khugepaged, which takes minutes.
@@ -113,7 +113,12 @@ def huge_pages(enabled: bool = True) -> Iterator[HugePages]:
     module's doc); the yielded HugePages says what was done once the block has run."""
     result = HugePages()
     why = "not asked for" if not enabled else unavailable()
-    before = [] if why else anonymous_regions()
+    before: list[tuple[int, int]] = []
+    if not why:
+        try:
+            before = anonymous_regions()
+        except OSError as e:  # /proc not mounted (some containers)
+            why = f"/proc/self/maps is not readable: {e}"
     had = anon_huge_mib()
     yield result
     if why:
@@ -125,7 +130,11 @@ def huge_pages(enabled: bool = True) -> Iterator[HugePages]:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     errors = set()
-    for a0, a1 in new_ranges(before, anonymous_regions()):
+    try:
+        after = anonymous_regions()
+    except OSError as e:
+        after, errors = [], {f"/proc/self/maps is not readable: {e}"}
+    for a0, a1 in new_ranges(before, after):
         if libc.madvise(a0, a1 - a0, MADV_HUGEPAGE) != 0:
             errors.add(f"madvise(MADV_HUGEPAGE): {os.strerror(ctypes.get_errno())}")
             continue
