@@ -29,6 +29,9 @@ from hanlin.backends.base import PENALTY_LAST_N, ConfigError, GenerationConfig, 
 
 log = logging.getLogger("hanlin.server")
 PREFILL_TOKENS = 2048  # prompt tokens admitted per round at most (one forward pass; always at least one request)
+# a prompt prefix shared this long is run once and kept (_shared_prefix): the default model's
+# chat template puts 24 tokens before every user message
+PREFIX_MIN = 16
 
 
 class QueueFull(Exception):
@@ -90,6 +93,9 @@ class Scheduler:
         self._ready = threading.Event()
         self._loaded: Any = None  # what load() returned, or the exception it raised
         self._batch = None
+        self._prefix = None  # the last shared prompt prefix's keys and values (batching mode)
+        self._last_prompt: list[int] | None = None  # the prompt admitted last, to find what the next one shares
+        self.prefix_tokens_reused = 0  # admitted prompt tokens whose keys and values came from it
         self._slots = None  # GGUFSlots, for the GGUF engine
         self._grammar_lock = threading.Lock()
         self._outbox: list[tuple[Ticket, Any]] = []
@@ -176,7 +182,8 @@ class Scheduler:
         return ticket
 
     def stats(self) -> dict[str, int]:
-        return {"running": len(self.running), "waiting": self.waiting.qsize(), "slots": self.max_batch}
+        return {"running": len(self.running), "waiting": self.waiting.qsize(), "slots": self.max_batch,
+                "prefix_tokens_reused": self.prefix_tokens_reused}  # fmt: skip
 
     # ---- the model side (the scheduler thread) -------------------------------------------
 
@@ -301,7 +308,8 @@ class Scheduler:
                 break  # long prompts: the rest wait for the next round, so running requests are not stalled long
         if admitted:
             try:
-                prefilled = self._batch.admit_many([t.prompt_ids for t, _ in admitted])
+                prompts = [t.prompt_ids for t, _ in admitted]
+                prefilled = self._batch.admit_many(prompts, self._shared_prefix(prompts))
             except Exception as e:  # noqa: BLE001  (these requests fail; the running ones go on)
                 log.exception("prefill failed")
                 for ticket, _ in admitted:
@@ -325,6 +333,27 @@ class Scheduler:
             logits = self._batch.step(feed)
             for slot, row in logits.items():
                 self._sample_and_emit(self.running[slot], row, sample, apply_repeat_penalty)
+
+    def _shared_prefix(self, prompts: list) -> Any:
+        """The keys and values of a prefix every prompt admitted now starts with, run once and
+        copied into each slot (batching.Prefix): the kept one when they all still start with it
+        (chat requests share their template's system prompt), else the prefix they share with
+        each other and with the prompt admitted before them, when long enough
+        (PREFIX_MIN), which is then kept. Measured with tools/bench_serve.py: see README."""
+        from hanlin.backends.torch.batching import Prefix
+        from hanlin.backends.torch.generate import common_prefix
+
+        last, seen = self._prefix, self._last_prompt
+        self._last_prompt = list(prompts[-1])
+        if last is None or not all(len(p) > len(last.tokens) and list(p[: len(last.tokens)]) == last.tokens for p in prompts):
+            # what these share with each other and with the prompt admitted before them
+            seqs = [*prompts, seen] if seen is not None else list(prompts)
+            P = min([len(p) - 1 for p in prompts] + [common_prefix(seqs[0], q) for q in seqs[1:]]) if len(seqs) > 1 else 0
+            if P < PREFIX_MIN:
+                return None
+            last = self._prefix = Prefix(self.engine.model, prompts[0][:P])
+        self.prefix_tokens_reused += len(last.tokens) * len(prompts)
+        return last
 
     def _sample_and_emit(self, run: "_Running", logits, sample, apply_repeat_penalty) -> None:
         import torch
