@@ -8,10 +8,10 @@ Decoding a small model streams every weight once a token, so the CPU walks tens 
 thousands of 4 KiB pages a token and misses its TLB on most of them. With 2 MiB pages it
 walks 512x fewer. Most Linux machines run transparent huge pages in "madvise" mode (this
 one does): memory gets 2 MiB pages only where a program asks for them, and onnxruntime and
-glibc's malloc do not ask (numpy does, for arrays of 4 MiB and more). The block above finds the anonymous memory that appeared
-inside it (/proc/self/maps before and after), asks for huge pages there (MADV_HUGEPAGE) and
-rebuilds what is already filled in with them now (MADV_COLLAPSE, Linux 6.1+) instead of
-leaving it to khugepaged, which takes minutes.
+glibc's malloc do not ask (numpy does, for arrays of 4 MiB and more). The block above finds
+the anonymous memory that appeared inside it (/proc/self/maps before and after), asks for
+huge pages there (MADV_HUGEPAGE) and rebuilds what is already filled in with them now
+(MADV_COLLAPSE, Linux 6.1+) instead of leaving it to khugepaged, which takes minutes.
 
 Measured on the default model's onnx int4 export (tools/bench_decode.py runs the engine
 both ways): see OnnxEngine.load. Regions under 16 MiB are left alone: they are thread stacks
@@ -114,12 +114,13 @@ def huge_pages(enabled: bool = True) -> Iterator[HugePages]:
     result = HugePages()
     why = "not asked for" if not enabled else unavailable()
     before: list[tuple[int, int]] = []
+    had = 0
     if not why:
         try:
             before = anonymous_regions()
         except OSError as e:  # /proc not mounted (some containers)
             why = f"/proc/self/maps is not readable: {e}"
-    had = anon_huge_mib()
+        had = anon_huge_mib()
     yield result
     if why:
         result.reason = why

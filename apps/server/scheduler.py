@@ -341,15 +341,14 @@ class Scheduler:
         each other and with the prompt admitted before them, when long enough
         (PREFIX_MIN), which is then kept. Measured with tools/bench_serve.py: see README."""
         from hanlin.backends.torch.batching import Prefix
-        from hanlin.backends.torch.generate import common_prefix
+        from hanlin.backends.torch.generate import shared_prefix
 
         last, seen = self._prefix, self._last_prompt
         self._last_prompt = list(prompts[-1])
         if last is None or not all(len(p) > len(last.tokens) and list(p[: len(last.tokens)]) == last.tokens for p in prompts):
-            # what these share with each other and with the prompt admitted before them
-            seqs = [*prompts, seen] if seen is not None else list(prompts)
-            P = min([len(p) - 1 for p in prompts] + [common_prefix(seqs[0], q) for q in seqs[1:]]) if len(seqs) > 1 else 0
-            if P < PREFIX_MIN:
+            seqs = [*prompts, seen] if seen is not None else list(prompts)  # these and the prompt admitted before them
+            P = shared_prefix(seqs, PREFIX_MIN) if len(seqs) > 1 else 0
+            if not P:
                 return None
             last = self._prefix = Prefix(self.engine.model, prompts[0][:P])
         self.prefix_tokens_reused += len(last.tokens) * len(prompts)

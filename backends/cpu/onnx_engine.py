@@ -41,7 +41,7 @@ from hanlin.backends.base import (
 )
 from hanlin.backends.cpu.folder import FolderEngine
 from hanlin.backends.hugepages import HugePages
-from hanlin.backends.hugepages import huge_pages as backends_huge_pages
+from hanlin.backends.hugepages import huge_pages as on_huge_pages
 from hanlin.devices import Device
 
 DEFAULT_MAX_CTX = 4096
@@ -80,7 +80,7 @@ class OnnxEngine(FolderEngine):
         # model's int4 export decoded 136.2 -> 149.2 and 119.1 -> 136.0 tok/s (two runs of
         # tools/bench_decode.py --small-pages) for ~1.2 s more load time (the pages are moved
         # once) and ~57 MB more peak RSS; HANLIN_HUGE_PAGES=0 or huge_pages=False: not
-        with backends_huge_pages(huge_pages) as pages:
+        with on_huge_pages(huge_pages) as pages:
             session = ort.InferenceSession(os.path.join(path, "model.onnx"), opts, providers=["CPUExecutionProvider"])
             engine = cls(session, meta, path, device, ctx_size, threads)
         engine.huge_pages = pages

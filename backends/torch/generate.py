@@ -185,11 +185,11 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return i
 
 
-def shared_prefix(seqs: Sequence[Sequence[int]]) -> int:
+def shared_prefix(seqs: Sequence[Sequence[int]], minimum: int = PREFIX_MIN) -> int:
     """Length of the prefix all seqs share, leaving each at least one token of its own; 0 when
-    it is shorter than PREFIX_MIN (not worth a separate pass)."""
+    it is shorter than `minimum` (not worth a separate pass)."""
     n = min([len(s) - 1 for s in seqs] + [common_prefix(seqs[0], s) for s in seqs[1:]])
-    return n if n >= PREFIX_MIN else 0
+    return n if n >= minimum else 0
 
 
 @torch.inference_mode()
